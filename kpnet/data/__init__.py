@@ -1,0 +1,5 @@
+"""Data sources, records and the tf.data pipeline."""
+
+from kpnet.data.records import DataError, InstanceRecord
+
+__all__ = ["DataError", "InstanceRecord"]
