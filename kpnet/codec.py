@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from keras import ops
@@ -164,3 +165,246 @@ def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     m = np.asarray(matrix, np.float32)
     xy = pts[..., :2] @ m[:, :2].T + m[:, 2]
     return np.concatenate([xy, pts[..., 2:]], axis=-1) if pts.shape[-1] > 2 else xy
+
+
+# --------------------------------------------------------------------------- decoding
+#: Decoding methods of :func:`decode_heatmaps` and :func:`decode_multi_peak`.
+DECODE_METHODS: tuple[str, ...] = ("dark", "quarter", "argmax")
+_LOG_EPS = 1e-10
+
+
+def decode_heatmaps(heatmaps, method: str = "dark", sigma: float = DEFAULT_REFINE_SIGMA):
+    """Locate the peak of every channel with sub-pixel refinement.
+
+    Example:
+        >>> kp = np.array([[[10.3, 20.7, 2.0]]], "float32")
+        >>> xy, scores = decode_heatmaps(render_heatmaps(kp, (64, 48), 2.0), "dark", 2.0)
+        >>> np.asarray(xy, "float64").round(3).tolist(), np.asarray(scores).shape
+        ([[[10.3, 20.7]]], (1, 1))
+
+    Args:
+        heatmaps: [B, H, W, C] numpy array or tensor.
+        method: ``"argmax"`` (integer peak), ``"quarter"`` (0.25 px toward the higher
+            neighbour, as in tf-cpn / SimpleBaseline) or ``"dark"`` (Zhang et al. 2020:
+            Gaussian smoothing, log, second-order Taylor expansion at the peak).
+        sigma: Gaussian sigma of the targets in heatmap pixels; DARK smooths with it
+            (0 disables the smoothing, which is exact on clean Gaussians).
+
+    Returns:
+        (xy float32 [B, C, 2] in heatmap coordinates, scores float32 [B, C] peak values).
+        Pure ``keras.ops``: usable inside a Keras layer on any backend.
+    """
+    _check_method(method)
+    maps = _channels_first(heatmaps)  # [B,C,H,W]
+    h, w = int(maps.shape[2]), int(maps.shape[3])
+    flat = ops.reshape(maps, (-1, maps.shape[1], h * w))
+    idx = ops.expand_dims(ops.cast(ops.argmax(flat, axis=-1), "int32"), -1)  # [B,C,1]
+    scores = ops.take_along_axis(flat, idx, axis=-1)
+    xy = _refine(maps, idx, method, sigma)
+    return xy[:, :, 0], scores[:, :, 0]
+
+
+def decode_multi_peak(
+    heatmaps,
+    max_peaks: int,
+    threshold: float = 0.1,
+    min_distance: int = 2,
+    method: str = "dark",
+    sigma: float = DEFAULT_REFINE_SIGMA,
+):
+    """Find up to ``max_peaks`` local maxima per channel (for channels shared by keypoints).
+
+    Peaks are local maxima of a ``2 * min_distance + 1`` max-pool window with value
+    ``>= threshold``; of two peaks closer than ``min_distance`` (Chebyshev) only the higher
+    one is kept. Each peak is refined like :func:`decode_heatmaps` (DARK uses the local
+    Taylor expansion around that peak).
+
+    Example:
+        >>> kp = np.array([[[10.0, 20.0, 2], [30.25, 40.5, 2]]], "float32")
+        >>> hm = render_heatmaps(kp, (64, 48), 2.0, channels=(0, 0))
+        >>> xy, sc = decode_multi_peak(hm, max_peaks=3, sigma=2.0)
+        >>> np.asarray(xy, "float64").round(3).tolist()
+        [[[[10.0, 20.0], [30.25, 40.5], [0.0, 0.0]]]]
+        >>> np.asarray(sc, "float64").round(2).tolist()
+        [[[1.0, 0.96, 0.0]]]
+
+    Returns:
+        (xy float32 [B, C, N, 2] heatmap coordinates, scores float32 [B, C, N]) sorted by
+        score; missing peaks have score 0 and xy (0, 0).
+    """
+    _check_method(method)
+    if int(max_peaks) < 1:
+        raise ValueError(f"decode_multi_peak: max_peaks must be >= 1, got {max_peaks}")
+    if int(min_distance) < 0:
+        raise ValueError(f"decode_multi_peak: min_distance must be >= 0, got {min_distance}")
+    hm = ops.cast(ops.convert_to_tensor(heatmaps), "float32")
+    window = 2 * int(min_distance) + 1
+    pooled = ops.max_pool(hm, window, strides=1, padding="same")
+    is_peak = ops.logical_and(hm >= pooled, hm >= float(threshold))
+    maps = _channels_first(hm)
+    c, h, w = int(maps.shape[1]), int(maps.shape[2]), int(maps.shape[3])
+    peak_flat = ops.reshape(_channels_first(ops.cast(is_peak, "float32")), (-1, c, h * w))
+    flat = ops.reshape(maps, (-1, c, h * w))
+    masked = ops.where(peak_flat > 0, flat, -1.0)
+    n = min(int(max_peaks), h * w)
+    values, idx = ops.top_k(masked, n)  # sorted, [B,C,N]
+    idx = ops.cast(idx, "int32")
+    keep = _suppress_close(idx, values >= 0, w, int(min_distance))
+    scores = ops.where(keep, values, 0.0)
+    xy = _refine(maps, idx, method, sigma) * ops.cast(keep, "float32")[..., None]
+    if n < int(max_peaks):  # tiny maps: pad to the requested number of peaks
+        pad = int(max_peaks) - n
+        xy = ops.pad(xy, ((0, 0), (0, 0), (0, pad), (0, 0)))
+        scores = ops.pad(scores, ((0, 0), (0, 0), (0, pad)))
+    return xy, scores
+
+
+def _check_method(method: str) -> None:
+    if method not in DECODE_METHODS:
+        raise ValueError(f"unknown decode method {method!r}; choose one of {DECODE_METHODS}")
+
+
+def _channels_first(heatmaps):
+    hm = ops.cast(ops.convert_to_tensor(heatmaps), "float32")
+    if len(hm.shape) != 4:
+        raise ValueError(f"heatmaps must be [B, H, W, C], got shape {tuple(hm.shape)}")
+    return ops.transpose(hm, (0, 3, 1, 2))
+
+
+def _suppress_close(idx, valid, width: int, min_distance: int):
+    """Drop peaks within ``min_distance`` of a higher-ranked peak (plateaus, ties)."""
+    x = ops.cast(idx % width, "int32")
+    y = ops.cast(idx // width, "int32")
+    dist = ops.maximum(
+        ops.abs(x[..., :, None] - x[..., None, :]), ops.abs(y[..., :, None] - y[..., None, :])
+    )  # [B,C,N,N]: row j, column i
+    n = int(idx.shape[-1])
+    earlier = np.tril(np.ones((n, n), bool), k=-1)  # i < j
+    close = ops.logical_and(dist <= min_distance, ops.convert_to_tensor(earlier))
+    close = ops.logical_and(close, valid[..., None, :])
+    return ops.logical_and(valid, ops.logical_not(ops.any(close, axis=-1)))
+
+
+def _refine(maps, idx, method: str, sigma: float):
+    """Sub-pixel positions [B,C,N,2] of the peaks at flat indices ``idx`` [B,C,N]."""
+    h, w = int(maps.shape[2]), int(maps.shape[3])
+    px = ops.cast(idx % w, "float32")
+    py = ops.cast(idx // w, "float32")
+    if method == "argmax":
+        return ops.stack([px, py], axis=-1)
+    if method == "quarter":
+        nb = _neighbours(maps, px, py)
+        valid_x = ops.cast(ops.logical_and(px >= 1, px <= w - 2), "float32")
+        valid_y = ops.cast(ops.logical_and(py >= 1, py <= h - 2), "float32")
+        sx = ops.sign(nb[(0, 1)] - nb[(0, -1)]) * valid_x
+        sy = ops.sign(nb[(1, 0)] - nb[(-1, 0)]) * valid_y
+        return ops.stack([px + 0.25 * sx, py + 0.25 * sy], axis=-1)
+    return _dark_refine(maps, px, py, sigma)
+
+
+def _dark_refine(maps, px, py, sigma: float):
+    """DARK: one Newton step on the log of the (smoothed) map around each peak.
+
+    At a border pixel the 3x3 stencil moves one pixel inward (still exact for a quadratic).
+    Smoothing needs the Gaussian's tails, which the border cuts off: within ``ceil(3 sigma)``
+    pixels of the border the unsmoothed map is used instead.
+    """
+    h, w = int(maps.shape[2]), int(maps.shape[3])
+    cx = ops.clip(px, 1.0, float(w - 2)) if w >= 3 else px
+    cy = ops.clip(py, 1.0, float(h - 2)) if h >= 3 else py
+    nb = _neighbours(ops.log(ops.maximum(maps, _LOG_EPS)), cx, cy)
+    if sigma and sigma > 0:
+        r = float(_blur_radius(sigma))
+        inner = (px >= r) & (px <= w - 1 - r) & (py >= r) & (py <= h - 1 - r)
+        smooth = _neighbours(ops.log(ops.maximum(_blur(maps, sigma), _LOG_EPS)), cx, cy)
+        nb = {k: ops.where(inner, smooth[k], v) for k, v in nb.items()}
+    ox, oy = _taylor_offset(nb, float(w >= 3), float(h >= 3))
+    x = ops.clip(cx + ox, px - 1.0, px + 1.0)
+    y = ops.clip(cy + oy, py - 1.0, py + 1.0)
+    return ops.stack([x, y], axis=-1)
+
+
+def _taylor_offset(nb, use_x: float, use_y: float):
+    """Newton step ``-H^-1 g`` from the stencil centre; zero where H is not negative definite."""
+    dx = 0.5 * (nb[(0, 1)] - nb[(0, -1)]) * use_x
+    dy = 0.5 * (nb[(1, 0)] - nb[(-1, 0)]) * use_y
+    dxx = (nb[(0, 1)] - 2.0 * nb[(0, 0)] + nb[(0, -1)]) * use_x - (1.0 - use_x)
+    dyy = (nb[(1, 0)] - 2.0 * nb[(0, 0)] + nb[(-1, 0)]) * use_y - (1.0 - use_y)
+    dxy = 0.25 * (nb[(1, 1)] - nb[(-1, 1)] - nb[(1, -1)] + nb[(-1, -1)]) * use_x * use_y
+    det = dxx * dyy - dxy * dxy
+    ok = ops.logical_and(det > 1e-12, dxx < 0)
+    safe = ops.where(ok, det, 1.0)
+    ox = ops.where(ok, -(dyy * dx - dxy * dy) / safe, 0.0)
+    oy = ops.where(ok, -(dxx * dy - dxy * dx) / safe, 0.0)
+    return ox, oy
+
+
+def _neighbours(maps, cx, cy) -> dict[tuple[int, int], object]:
+    """3x3 neighbourhood values (dy, dx) around pixel (cx, cy) [B,C,N] (zero outside)."""
+    c, h, w = int(maps.shape[1]), int(maps.shape[2]), int(maps.shape[3])
+    padded = ops.pad(maps, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    padded = ops.reshape(padded, (-1, c, (h + 2) * (w + 2)))
+    centre = ops.cast(cy + 1.0, "int32") * (w + 2) + ops.cast(cx + 1.0, "int32")
+    return {
+        (oy, ox): ops.take_along_axis(padded, centre + oy * (w + 2) + ox, axis=-1)
+        for oy in (-1, 0, 1)
+        for ox in (-1, 0, 1)
+    }
+
+
+def _blur_radius(sigma: float) -> int:
+    return max(1, int(np.ceil(3.0 * float(sigma))))
+
+
+def _blur(maps, sigma: float):
+    """Separable Gaussian smoothing of [B,C,H,W] maps (zero padding, as in DARK)."""
+    c, h, w = int(maps.shape[1]), int(maps.shape[2]), int(maps.shape[3])
+    radius = _blur_radius(sigma)
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.exp(-0.5 * (t / sigma) ** 2)
+    k = (k / k.sum()).astype(np.float32)
+    x = ops.reshape(maps, (-1, h, w, 1))
+    x = ops.conv(x, ops.convert_to_tensor(k.reshape(-1, 1, 1, 1)), padding="same")
+    x = ops.conv(x, ops.convert_to_tensor(k.reshape(1, -1, 1, 1)), padding="same")
+    return ops.reshape(x, (-1, c, h, w))
+
+
+# --------------------------------------------------------------------------- codec object
+@dataclass(frozen=True)
+class HeatmapCodec:
+    """Encode and decode with one set of settings, so training and inference cannot drift.
+
+    Keypoints are in *input-crop* pixels on both sides; heatmaps are [B, H/s, W/s, C].
+
+    Example:
+        >>> codec = HeatmapCodec(input_size=(256, 192), stride=4, sigma=2.0)
+        >>> kp = np.array([[[100.0, 60.0, 2.0]]], "float32")
+        >>> hm = codec.encode(kp)
+        >>> tuple(hm.shape)
+        (1, 64, 48, 1)
+        >>> xy, scores = codec.decode(hm)
+        >>> np.asarray(xy, "float64").round(2).tolist()
+        [[[100.0, 60.0]]]
+    """
+
+    input_size: tuple[int, int]
+    stride: int = 4
+    sigma: float = DEFAULT_REFINE_SIGMA
+    channels: tuple[int, ...] | None = None
+    method: str = "dark"
+
+    @property
+    def heatmap_size(self) -> tuple[int, int]:
+        return (int(self.input_size[0]) // self.stride, int(self.input_size[1]) // self.stride)
+
+    def encode(self, keypoints, sigma: float | None = None):
+        """[B, K, 3] input-pixel keypoints -> [B, H/s, W/s, C] Gaussian heatmaps."""
+        kp = ops.cast(ops.convert_to_tensor(keypoints), "float32")
+        hm_xy = input_to_heatmap(kp[..., :2], self.stride)
+        kp = ops.concatenate([hm_xy, kp[..., 2:3]], axis=-1)
+        return render_heatmaps(kp, self.heatmap_size, sigma or self.sigma, self.channels)
+
+    def decode(self, heatmaps):
+        """Heatmaps -> (xy [B, C, 2] input pixels, scores [B, C]) (one peak per channel)."""
+        xy, scores = decode_heatmaps(heatmaps, self.method, self.sigma)
+        return heatmap_to_input(xy, self.stride), scores

@@ -1,0 +1,163 @@
+"""Keras callbacks used by :func:`kpnet.train.fit`: backups, NaN guard, keypoint metrics.
+
+Example:
+    >>> guard = NaNGuard()
+    >>> guard.triggered
+    False
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+
+BACKUP_WEIGHTS = "latest.weights.h5"
+BACKUP_META = "training_metadata.json"
+
+
+def _finite(logs: dict | None) -> bool:
+    loss = (logs or {}).get("loss")
+    return loss is None or math.isfinite(float(loss))
+
+
+class NaNGuard(keras.callbacks.Callback):
+    """Stop training at the first non-finite loss and remember where it happened.
+
+    Unlike ``keras.callbacks.TerminateOnNaN`` it records the epoch and batch, so the caller
+    can raise a clear error; the checkpoint callbacks skip the poisoned epoch.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.triggered = False
+        self.where: tuple[int, int] | None = None
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if not self.triggered and not _finite(logs):
+            self.triggered = True
+            self.where = (self._epoch, batch)
+            self.model.stop_training = True
+
+
+class Backup(keras.callbacks.Callback):
+    """Back up weights + optimizer state and the epoch count, so a rerun resumes.
+
+    Like ``keras.callbacks.BackupAndRestore`` but phase-aware (a frozen-backbone phase and
+    an unfrozen phase train different variables) and never deleting its backup; restoring
+    is done by the caller (:func:`read_backup` + ``model.load_weights``).
+
+    Args:
+        backup_dir: folder for ``latest.weights.h5`` and ``training_metadata.json``.
+        phase: index of the training phase this fit call runs.
+        guard: backups are skipped once the guard saw a non-finite loss.
+        every_steps: also back up every N training steps (the epoch restarts on resume).
+    """
+
+    def __init__(
+        self, backup_dir: Path, phase: int, guard: NaNGuard, every_steps: int | None = None
+    ) -> None:
+        super().__init__()
+        self.dir = Path(backup_dir)
+        self.phase = phase
+        self.guard = guard
+        self.every_steps = every_steps
+        self._epoch = 0
+        self._steps = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self._steps += 1
+        if self.every_steps and self._steps % self.every_steps == 0 and not self.guard.triggered:
+            self._save(self._epoch)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if not self.guard.triggered and _finite(logs):
+            self._save(epoch + 1)
+
+    def _save(self, completed_epochs: int) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / ("tmp-" + BACKUP_WEIGHTS)
+        self.model.save_weights(tmp, overwrite=True)
+        tmp.replace(self.dir / BACKUP_WEIGHTS)
+        meta = {"epoch": completed_epochs, "phase": self.phase}
+        (self.dir / BACKUP_META).write_text(json.dumps(meta))
+
+
+def read_backup(backup_dir: Path) -> dict[str, Any] | None:
+    """``{"epoch": completed epochs, "phase": i, "weights": path}`` or None when absent."""
+    meta_path = Path(backup_dir) / BACKUP_META
+    weights = Path(backup_dir) / BACKUP_WEIGHTS
+    if not (meta_path.is_file() and weights.is_file()):
+        return None
+    meta = json.loads(meta_path.read_text())
+    return {"epoch": int(meta["epoch"]), "phase": int(meta["phase"]), "weights": weights}
+
+
+class GuardedCheckpoint(keras.callbacks.ModelCheckpoint):
+    """``ModelCheckpoint`` that skips epochs with a non-finite loss or a missing monitor.
+
+    ``best`` may be seeded (e.g. from history.csv) so a resumed run keeps its best model.
+    """
+
+    def __init__(self, filepath: str, guard: NaNGuard, best: float | None = None, **kwargs):
+        super().__init__(filepath, **kwargs)
+        self.guard = guard
+        if best is not None:
+            self.best = best
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if self.guard.triggered or not _finite(logs):
+            return
+        if self.save_best_only and self.monitor not in (logs or {}):
+            return
+        super().on_epoch_end(epoch, logs)
+
+
+class KeypointMetrics(keras.callbacks.Callback):
+    """Decode the validation set every ``every`` epochs and add ``val_*`` pixel metrics.
+
+    Args:
+        evaluate: ``evaluate(heatmap_model) -> metrics dict`` (see :mod:`kpnet.evaluate`).
+        every: evaluate every N epochs (and always on the last epoch).
+        last_epoch: index of the final epoch (0-based).
+        guard: evaluation is skipped once the guard saw a non-finite loss.
+    """
+
+    def __init__(
+        self,
+        evaluate: Callable[[keras.Model], dict[str, Any]],
+        every: int,
+        last_epoch: int,
+        guard: NaNGuard,
+        keys: Sequence[str] = ("mean", "median", "p90", "pck@0.05", "pck@0.1", "AP"),
+    ) -> None:
+        super().__init__()
+        self.evaluate = evaluate
+        self.every = every
+        self.last_epoch = last_epoch
+        self.guard = guard
+        self.keys = tuple(keys)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        if logs is None or self.guard.triggered or not _finite(logs):
+            return
+        if (epoch + 1) % self.every and epoch != self.last_epoch:
+            return
+        overall = self.evaluate(self.model)["overall"]
+        for key in self.keys:
+            if overall.get(key) is not None:
+                name = key.replace("@", "_")
+                logs[f"val_px_{name}" if key in ("mean", "median", "p90") else f"val_{name}"] = (
+                    float(overall[key])
+                )

@@ -1,0 +1,165 @@
+"""``kpnet data``: check, convert and preview datasets.
+
+A SOURCE is a COCO keypoints json (images from ``--images``, or guessed as
+``<json dir>/../train2017`` / ``val2017`` (or ``train`` / ``val``) from the file name) or a
+DeepLabCut project folder.
+
+Example:
+    kpnet data check coco/annotations/person_keypoints_val2017.json
+    kpnet data convert my-dlc-project -o my-dlc-project/coco.json
+    kpnet data preview my-dlc-project --out preview/ -n 16 --input-size 256x256
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from kpnet.data.check import LoadReport, Records, check_records, format_check
+from kpnet.data.records import DataError
+from kpnet.spec import KeypointSpec
+
+#: Skip reasons that are normal filtering, not bad data.
+FILTERED = {"crowd", "no_keypoints", "low_score", "other_category"}
+
+
+def load_source(
+    source: str | Path, images: str | Path | None = None, on_error: str = "raise"
+) -> tuple[KeypointSpec, Records]:
+    """Load a COCO json or a DLC project folder as (spec, records)."""
+    path = Path(source)
+    if path.is_dir():
+        from kpnet.data.dlc import load_dlc_records
+
+        return load_dlc_records(path, on_error=on_error)
+    if path.suffix.lower() != ".json":
+        raise DataError(f"{path}: expected a COCO .json file or a DeepLabCut project folder")
+    from kpnet.data.coco import load_coco_records
+
+    image_dir = Path(images) if images else guess_image_dir(path)
+    return load_coco_records(path, image_dir, on_error=on_error)
+
+
+def guess_image_dir(annotation_file: Path) -> Path:
+    """``<json dir>/../<split>2017`` (COCO layout) or ``<split>``, split from the file name."""
+    name = annotation_file.stem.lower()
+    splits = [s for s in ("train", "val", "test") if s in name]
+    folders = [annotation_file.parent.parent, annotation_file.parent]
+    for split in splits:
+        for folder in folders:
+            for candidate in (folder / f"{split}2017", folder / split):
+                if candidate.is_dir():
+                    return candidate
+    looked = ", ".join(f"{s}2017/ or {s}/" for s in splits) or "no train/val/test in the name"
+    raise DataError(
+        f"{annotation_file}: cannot guess the image folder ({looked}); pass --images DIR"
+    )
+
+
+def _parse_size(value: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use HEIGHTxWIDTH, e.g. 256x192") from None
+    if h <= 0 or w <= 0 or h % 32 or w % 32:
+        raise click.BadParameter(f"{value!r}: height and width must be positive multiples of 32")
+    return h, w
+
+
+def _load_or_fail(source: str, images: str | None, on_error: str) -> tuple[KeypointSpec, Records]:
+    try:
+        return load_source(source, images, on_error)
+    except DataError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _bad_count(report: LoadReport) -> int:
+    return sum(n for reason, n in report.skipped.items() if reason not in FILTERED)
+
+
+def _format_load(report: LoadReport) -> str:
+    lines = [report.summary()]
+    for reason, messages in report.examples.items():
+        lines += [f"  {reason}: {m}" for m in messages]
+    return "\n".join(lines)
+
+
+@click.group("data")
+def data() -> None:
+    """Check, convert and preview datasets."""
+
+
+@data.command("check")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder.")
+@click.option("--decode", is_flag=True, help="Decode every image to find corrupt files (slow).")
+@click.option("--on-error", type=click.Choice(["skip", "raise"]), default="skip",
+              show_default=True, help="Skip and count bad records, or stop.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the report as json.")
+def check(source: str, images: str | None, decode: bool, on_error: str, as_json: bool) -> None:
+    """Report what SOURCE holds and what is wrong with it (exit code 1 when bad records)."""
+    spec, records = _load_or_fail(source, images, on_error)
+    report = check_records(records, spec, decode=decode)
+    if as_json:
+        load = {"kept": records.report.kept, "skipped": dict(records.report.skipped)}
+        click.echo(json.dumps({"load": load, **report}, indent=1))
+    else:
+        click.echo(_format_load(records.report))
+        click.echo(format_check(report, spec))
+    problems = (
+        _bad_count(records.report) + report["missing_files"] + (report["corrupt_images"] or 0)
+    )
+    if problems:
+        raise SystemExit(1)
+
+
+@data.command("convert")
+@click.argument("project", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--out", "out_json", type=click.Path(dir_okay=False), required=True,
+              help="COCO json to write.")  # fmt: skip
+@click.option("--box", type=click.Choice(["keypoints", "image"]), default="keypoints",
+              show_default=True, help="Box: labelled extent + margin, or whole image.")  # fmt: skip
+@click.option("--margin", type=float, default=0.2, show_default=True,
+              help="Box margin as a fraction of the keypoints' extent.")  # fmt: skip
+def convert(project: str, out_json: str, box: str, margin: float) -> None:
+    """Convert a DeepLabCut PROJECT to a COCO keypoints json (file names relative to PROJECT)."""
+    from kpnet.data.dlc import dlc_to_coco
+
+    try:
+        coco = dlc_to_coco(project, out_json, box=box, margin=margin)
+    except DataError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(
+        f"wrote {len(coco['annotations'])} instances in {len(coco['images'])} images to "
+        f"{out_json} (load with image dir {project})"
+    )
+
+
+@data.command("preview")
+@click.argument("source", type=click.Path(exists=True))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
+@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder.")
+@click.option("-n", "num", type=click.IntRange(1, 256), default=16, show_default=True)
+@click.option("--input-size", default="256x192", show_default=True, help="HEIGHTxWIDTH.")
+@click.option("--mode", type=click.Choice(["topdown", "whole", "random_crop"]),
+              default="topdown", show_default=True)  # fmt: skip
+@click.option("--seed", type=int, default=0, show_default=True)
+def preview(
+    source: str, out_dir: str, images: str | None, num: int, input_size: str, mode: str, seed: int
+) -> None:
+    """Write a PNG grid of augmented training samples of SOURCE with keypoints and skeleton."""
+    from kpnet.data.pipeline import PipelineConfig
+    from kpnet.data.preview import write_preview
+
+    size = _parse_size(input_size)
+    spec, records = _load_or_fail(source, images, "skip")
+    if not records:
+        raise click.ClickException(f"{source}: no usable records ({records.report.summary()})")
+    config = PipelineConfig(input_size=size, mode=mode)
+    path = write_preview(records, spec, config, out_dir, n=num, seed=seed)
+    click.echo(f"wrote {path}")
+
+
+COMMANDS = [data]

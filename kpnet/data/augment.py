@@ -1,0 +1,257 @@
+"""Training augmentation: random affine parameters, exact affine matrices, photometric jitter.
+
+Everything geometric is expressed as ONE [2, 3] matrix per sample (image -> input crop,
+the same convention as :func:`kpnet.codec.crop_affine`) that the pipeline applies to the
+image and to the keypoints alike, so the two cannot disagree. Randomness is stateless and
+keyed by a seed tensor, so a pipeline is reproducible under a seed whatever its parallelism.
+
+Example:
+    >>> import numpy as np, tensorflow as tf
+    >>> from kpnet.codec import crop_affine
+    >>> m = affine_matrices(tf.constant([[50.0, 60.0]]), tf.constant([[96.0, 128.0]]),
+    ...                     tf.constant([30.0]), tf.constant([True]), (256, 192))
+    >>> ref = crop_affine((50, 60), (96, 128), (256, 192), rotation_deg=30, flip=True)
+    >>> bool(np.allclose(m[0], ref, atol=1e-4))
+    True
+
+Choices (documented defaults):
+
+* scale: the crop region's size is multiplied by ``s ~ U(scale)`` (s > 1 zooms out).
+* rotation: ``U(-rotation, rotation)`` degrees, applied with probability ``rotation_prob``
+  (0.6 as in SimpleBaselines / HRNet; tf-cpn rotates every sample, set 1.0 for that).
+* flip: horizontal mirror with probability 0.5, part of the matrix; the keypoint order is
+  permuted with ``spec.flip_index``.
+* half body (HRNet): with probability ``half_body_prob``, for instances with at least
+  ``half_body_min_keypoints`` labelled points, the crop is re-centred on the labelled points
+  of the upper or the lower body.
+* photometric: built-in TF colour jitter (brightness / contrast / saturation / hue, cheap,
+  on by default) and/or albumentations transforms named in ``photometric``; both run on the
+  uint8 input crop after the geometric warp.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from kpnet.spec import COCO17_NAMES, KeypointSpec
+
+#: COCO-17 upper body for half-body augmentation (nose .. wrists).
+COCO_UPPER_BODY: tuple[str, ...] = COCO17_NAMES[:11]
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation settings (ignored when the pipeline is not training).
+
+    Args:
+        scale: range of the random crop-size factor (s > 1 zooms out).
+        rotation: maximum absolute rotation in degrees.
+        rotation_prob: probability of rotating a sample at all.
+        flip: random horizontal flips (uses ``spec.flip_index``).
+        half_body_prob: probability of a half-body crop (0 disables).
+        half_body_min_keypoints: labelled keypoints an instance needs for a half-body crop.
+        upper_body: names of upper-body keypoints; None uses the COCO upper body when the spec
+            has those names (half body is then unavailable for other specs).
+        brightness: max brightness delta as a fraction of 255 (0 disables).
+        contrast: contrast factor drawn from [1 - contrast, 1 + contrast] (0 disables).
+        saturation: saturation factor drawn from [1 - saturation, 1 + saturation].
+        hue: max hue delta in [0, 0.5].
+        photometric: albumentations transforms, each ``{"name": "Blur", **kwargs}``, built
+            with ``getattr(albumentations, name)(**kwargs)``.
+    """
+
+    scale: tuple[float, float] = (0.7, 1.35)
+    rotation: float = 45.0
+    rotation_prob: float = 0.6
+    flip: bool = True
+    half_body_prob: float = 0.0
+    half_body_min_keypoints: int = 8
+    upper_body: tuple[str, ...] | None = None
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.0
+    photometric: tuple[Mapping[str, Any], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scale", tuple(float(s) for s in self.scale))
+        object.__setattr__(self, "photometric", tuple(dict(t) for t in self.photometric or ()))
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError(f"augment.scale: need 0 < low <= high, got {self.scale}")
+        for key in ("rotation_prob", "half_body_prob"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ValueError(f"augment.{key}: must be in [0, 1], got {getattr(self, key)}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise ValueError(f"augment.hue: must be in [0, 0.5], got {self.hue}")
+        build_albumentations(self.photometric)  # fail early on unknown names / bad kwargs
+
+    def upper_body_index(self, spec: KeypointSpec) -> np.ndarray | None:
+        """Boolean [K] mask of upper-body keypoints, or None when half body is unavailable."""
+        names = self.upper_body
+        if names is None:
+            if not set(COCO_UPPER_BODY) <= set(spec.names):
+                return None
+            names = COCO_UPPER_BODY
+        unknown = sorted(set(names) - set(spec.names))
+        if unknown:
+            raise ValueError(f"augment.upper_body: unknown keypoint names {unknown}")
+        return np.array([n in names for n in spec.names])
+
+
+# --------------------------------------------------------------------------- geometry
+def aspect_fit(size: tf.Tensor, aspect_ratio: float) -> tf.Tensor:
+    """Grow (w, h) sizes [..., 2] to the crop aspect ratio w / h (as box_to_center_scale)."""
+    w, h = size[..., 0], size[..., 1]
+    wide = w > aspect_ratio * h
+    return tf.stack([tf.where(wide, w, h * aspect_ratio), tf.where(wide, w / aspect_ratio, h)], -1)
+
+
+def affine_matrices(
+    center: tf.Tensor,
+    size: tf.Tensor,
+    rotation_deg: tf.Tensor,
+    flip: tf.Tensor,
+    output_size: Sequence[int],
+) -> tf.Tensor:
+    """Batched :func:`kpnet.codec.crop_affine` in TF: [n, 2, 3] image -> crop matrices."""
+    out_h, out_w = float(output_size[0]), float(output_size[1])
+    sx, sy = out_w / size[:, 0], out_h / size[:, 1]
+    a = rotation_deg * (np.pi / 180.0)
+    cos, sin = tf.cos(a), tf.sin(a)
+    sign = tf.where(flip, -1.0, 1.0)
+    row0 = tf.stack([sign * sx * cos, sign * sx * sin], -1)
+    row1 = tf.stack([-sy * sin, sy * cos], -1)
+    lin = tf.stack([row0, row1], 1)  # [n, 2, 2]
+    crop_c = tf.constant([(out_w - 1) * 0.5, (out_h - 1) * 0.5])
+    t = crop_c - tf.linalg.matvec(lin, center)
+    return tf.concat([lin, t[:, :, None]], axis=2)
+
+
+def invert_affines(m: tf.Tensor) -> tf.Tensor:
+    """Inverse of [n, 2, 3] affine matrices."""
+    a, b, c, d = m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1]
+    det = a * d - b * c
+    inv = tf.stack([tf.stack([d, -b], -1), tf.stack([-c, a], -1)], 1) / det[:, None, None]
+    t = -tf.linalg.matvec(inv, m[:, :, 2])
+    return tf.concat([inv, t[:, :, None]], axis=2)
+
+
+def transform_keypoints(keypoints: tf.Tensor, m: tf.Tensor) -> tf.Tensor:
+    """Apply [n, 2, 3] matrices to (x, y) of keypoints [n, K, >=2]; returns [n, K, 2]."""
+    return tf.linalg.matmul(keypoints[..., :2], m[:, :, :2], transpose_b=True) + m[:, None, :, 2]
+
+
+# --------------------------------------------------------------------------- random params
+def sample_geometry(
+    config: AugmentConfig, seed: tf.Tensor, n: tf.Tensor
+) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor]:
+    """Random (scale [n], rotation_deg [n], flip [n] bool, half-body uniforms [n, 2])."""
+    u = tf.random.stateless_uniform(tf.stack([n, 6]), seed=seed)
+    lo, hi = config.scale
+    scale = lo + u[:, 0] * (hi - lo)
+    rot = (u[:, 1] * 2.0 - 1.0) * config.rotation
+    rot = tf.where(u[:, 2] < config.rotation_prob, rot, tf.zeros_like(rot))
+    flip = u[:, 3] < (0.5 if config.flip else 0.0)
+    return scale, rot, flip, u[:, 4:6]
+
+
+def half_body(
+    keypoints: tf.Tensor,
+    center: tf.Tensor,
+    size: tf.Tensor,
+    uniforms: tf.Tensor,
+    upper: np.ndarray,
+    config: AugmentConfig,
+    aspect_ratio: float,
+) -> tuple[tf.Tensor, tf.Tensor]:
+    """HRNet's half-body crop: re-centre on the upper or lower body's labelled points."""
+    labelled = keypoints[..., 2] > 0  # [n, K]
+    want_upper = (uniforms[:, 1] < 0.5)[:, None]
+    part = labelled & tf.where(want_upper, upper[None, :], ~upper[None, :])
+    count = tf.reduce_sum(tf.cast(part, tf.int32), axis=1)
+    enough = tf.reduce_sum(tf.cast(labelled, tf.int32), 1) >= config.half_body_min_keypoints
+    apply = (uniforms[:, 0] < config.half_body_prob) & enough & (count >= 2)
+    big = tf.constant(1e9)
+    xy = keypoints[..., :2]
+    lo = tf.reduce_min(tf.where(part[..., None], xy, big), axis=1)
+    hi = tf.reduce_max(tf.where(part[..., None], xy, -big), axis=1)
+    hb_center = (lo + hi) * 0.5
+    hb_size = aspect_fit(tf.maximum(hi - lo, 1.0) * 1.5, aspect_ratio)
+    return (
+        tf.where(apply[:, None], hb_center, center),
+        tf.where(apply[:, None], hb_size, size),
+    )
+
+
+# --------------------------------------------------------------------------- photometric
+def color_jitter(image: tf.Tensor, config: AugmentConfig, seed: tf.Tensor) -> tf.Tensor:
+    """Built-in stateless colour jitter on a uint8 [H, W, 3] crop; returns uint8."""
+    if not (config.brightness or config.contrast or config.saturation or config.hue):
+        return image
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    x = tf.cast(image, tf.float32) / 255.0
+    if config.brightness:
+        x = tf.image.stateless_random_brightness(x, config.brightness, seeds[0])
+    if config.contrast:
+        c = config.contrast
+        x = tf.image.stateless_random_contrast(x, 1.0 - c, 1.0 + c, seeds[1])
+    if config.saturation:
+        s = config.saturation
+        x = tf.image.stateless_random_saturation(x, 1.0 - s, 1.0 + s, seeds[2])
+    if config.hue:
+        x = tf.image.stateless_random_hue(x, config.hue, seeds[3])
+    return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)
+
+
+def build_albumentations(transforms: Sequence[Mapping[str, Any]]):
+    """``albumentations.Compose`` of ``[{"name": ..., **kwargs}, ...]``; None when empty."""
+    if not transforms:
+        return None
+    import albumentations as A
+
+    built = []
+    for i, spec in enumerate(transforms):
+        kwargs = dict(spec)
+        name = kwargs.pop("name", None)
+        cls = getattr(A, str(name), None) if name else None
+        if cls is None or not isinstance(cls, type):
+            raise ValueError(
+                f"augment.photometric[{i}]: unknown albumentations transform {name!r} "
+                "(use a class name such as 'RandomBrightnessContrast')"
+            )
+        try:
+            built.append(cls(**kwargs))
+        except Exception as err:  # albumentations raises pydantic / type errors
+            raise ValueError(f"augment.photometric[{i}] ({name}): bad arguments: {err}") from err
+    return A.Compose(built)
+
+
+class AlbumentationsOp:
+    """Seeded albumentations on uint8 crops, callable from ``tf.numpy_function``.
+
+    Each thread keeps its own ``Compose`` (tf.data calls it from several threads), reseeded
+    per sample, so results depend only on the sample's seed.
+    """
+
+    def __init__(self, transforms: Sequence[Mapping[str, Any]]):
+        self.transforms = tuple(dict(t) for t in transforms)
+        self._local = threading.local()
+
+    def __call__(self, image: np.ndarray, seed: np.ndarray) -> np.ndarray:
+        compose = getattr(self._local, "compose", None)
+        if compose is None:
+            compose = self._local.compose = build_albumentations(self.transforms)
+        compose.set_random_seed(int(seed) % (2**31 - 1))
+        out = compose(image=np.ascontiguousarray(image))["image"]
+        return np.asarray(out, np.uint8).reshape(image.shape)
+
+    def apply(self, image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """Graph op: run on a uint8 [H, W, 3] image with an int64 scalar seed."""
+        out = tf.numpy_function(self, [image, seed], tf.uint8, stateful=False)
+        return tf.ensure_shape(out, image.shape)

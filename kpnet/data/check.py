@@ -1,0 +1,232 @@
+"""Data checks: what a set of instance records holds, and what a loader skipped.
+
+Loaders validate cheap things up front (file exists, keypoint count, NaN, box area) and,
+with ``on_error="skip"``, skip and count bad records in a :class:`LoadReport` attached to the
+returned :class:`Records` list. :func:`check_records` summarises records for humans
+(``kpnet data check``). Corrupt image files are only found by decoding: pass ``decode=True``
+here (slow on all of COCO) or let the pipeline's ``on_error`` catch them while training.
+
+Example:
+    >>> import numpy as np
+    >>> from kpnet.spec import KeypointSpec
+    >>> from kpnet.data.records import InstanceRecord
+    >>> kp = np.array([[5, 5, 2], [0, 0, 0]], np.float32)
+    >>> r = InstanceRecord("missing.jpg", (0, 0, 10, 10), kp, image_size=(8, 8))
+    >>> report = check_records([r], KeypointSpec(names=("a", "b")))
+    >>> report["instances"], report["labelled"], report["missing_files"]
+    (1, {'a': 1, 'b': 0}, 1)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kpnet.data.records import DataError, InstanceRecord
+from kpnet.spec import KeypointSpec
+
+log = logging.getLogger(__name__)
+
+#: How many example messages a report keeps per reason.
+MAX_EXAMPLES = 5
+
+
+@dataclass
+class LoadReport:
+    """What a loader read, kept and skipped.
+
+    Attributes:
+        source: the file or folder that was loaded.
+        kept: number of records returned.
+        skipped: reason -> count. Reasons ``crowd`` and ``no_keypoints`` (and ``low_score``,
+            ``other_category`` for detections) are normal filtering; ``missing_image``,
+            ``keypoint_count``, ``nan``, ``zero_area``, ``unknown_image``, ``bad_row`` are bad
+            records, counted only with ``on_error="skip"`` (else they raise).
+        examples: reason -> first few error messages, naming file and record.
+    """
+
+    source: str
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, message: str = "") -> None:
+        """Count one skipped record (and keep its message as an example)."""
+        self.skipped[reason] += 1
+        if message and len(self.examples.setdefault(reason, [])) < MAX_EXAMPLES:
+            self.examples[reason].append(message)
+
+    def bad(self, reason: str, message: str, on_error: str) -> None:
+        """A bad record: raise :class:`DataError` or (``on_error="skip"``) count it."""
+        if on_error == "raise":
+            raise DataError(f"{message}. Fix the record, or load with on_error='skip'.")
+        self.skip(reason, message)
+        log.warning("skipping: %s", message)
+
+    def summary(self) -> str:
+        """One line: kept count and skip counts."""
+        parts = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+        return f"{self.source}: {self.kept} records" + (f" (skipped {parts})" if parts else "")
+
+
+class Records(list):
+    """A list of :class:`InstanceRecord` that also carries its :class:`LoadReport`."""
+
+    def __init__(self, items: Sequence[InstanceRecord] = (), report: LoadReport | None = None):
+        super().__init__(items)
+        self.report = report if report is not None else LoadReport(source="")
+        self.report.kept = len(self)
+
+
+def check_on_error(on_error: str) -> None:
+    """Validate an ``on_error`` argument."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+
+
+def check_records(
+    records: Sequence[InstanceRecord], spec: KeypointSpec, decode: bool = False
+) -> dict[str, Any]:
+    """Count images, instances, labelled keypoints and problems in ``records``.
+
+    Args:
+        records: instance records from any source.
+        spec: the keypoint spec (names the per-keypoint counts).
+        decode: also decode every image with OpenCV to find corrupt files and learn
+            unknown image sizes (slow on large sets).
+
+    Returns:
+        dict with ``images``, ``instances``, ``labelled`` / ``coverage`` (per keypoint name),
+        ``visible``, ``occluded``, ``unlabelled``, ``out_of_image`` (labelled points outside
+        the image), ``boxes_out_of_image``, ``zero_area_boxes``, ``missing_files``,
+        ``unknown_size``, ``corrupt_images`` (None unless ``decode``) and ``examples``.
+    """
+    k = spec.num_keypoints
+    vis = np.zeros((0, k), np.float32)
+    if records:
+        vis = np.stack([_keypoints(r, k)[:, 2] for r in records])
+    sizes = _image_sizes(records, decode)
+    missing = sorted({p for p, s in sizes.items() if s == "missing"})
+    corrupt = sorted({p for p, s in sizes.items() if s == "corrupt"})
+    out_pts, out_boxes, zero_area, unknown, num_out = [], [], [], 0, 0
+    for r in records:
+        size = sizes.get(r.image_path)
+        if r.box[2] <= 0 or r.box[3] <= 0:
+            zero_area.append(r.describe())
+        if not isinstance(size, tuple):
+            unknown += 1
+            continue
+        outside = _points_outside(_keypoints(r, k), size)
+        num_out += len(outside)
+        if outside:
+            out_pts.append(f"{r.describe()}: {[spec.names[i] for i in outside]}")
+        if _box_outside(r.box, size):
+            out_boxes.append(f"{r.describe()}: box {tuple(round(v, 1) for v in r.box)}")
+    labelled = (vis > 0).sum(axis=0)
+    n = max(len(records), 1)
+    return {
+        "images": len({r.image_path for r in records}),
+        "instances": len(records),
+        "labelled": {name: int(c) for name, c in zip(spec.names, labelled, strict=True)},
+        "coverage": {
+            name: round(float(c) / n, 4) for name, c in zip(spec.names, labelled, strict=True)
+        },
+        "visible": int((vis == 2).sum()),
+        "occluded": int((vis == 1).sum()),
+        "unlabelled": int((vis == 0).sum()),
+        "out_of_image": num_out,
+        "boxes_out_of_image": len(out_boxes),
+        "zero_area_boxes": len(zero_area),
+        "missing_files": len(missing),
+        "unknown_size": unknown,
+        "corrupt_images": len(corrupt) if decode else None,
+        "examples": {
+            key: vals[:MAX_EXAMPLES]
+            for key, vals in (
+                ("out_of_image", out_pts),
+                ("boxes_out_of_image", out_boxes),
+                ("zero_area_boxes", zero_area),
+                ("missing_files", missing),
+                ("corrupt_images", corrupt),
+            )
+            if vals
+        },
+    }
+
+
+def format_check(report: dict[str, Any], spec: KeypointSpec) -> str:
+    """Render a :func:`check_records` report as aligned text."""
+    lines = [
+        f"images            {report['images']}",
+        f"instances         {report['instances']}",
+        f"keypoints         {report['visible']} visible, {report['occluded']} occluded, "
+        f"{report['unlabelled']} unlabelled",
+    ]
+    width = max(len(n) for n in spec.names + ("per keypoint",))
+    lines.append(f"{'per keypoint':<{width + 2}}  labelled  coverage")
+    for name in spec.names:
+        lines.append(
+            f"  {name:<{width}}  {report['labelled'][name]:>8}  {report['coverage'][name]:>7.1%}"
+        )
+    corrupt = report["corrupt_images"]
+    lines += [
+        f"out-of-image pts  {report['out_of_image']}",
+        f"boxes off image   {report['boxes_out_of_image']}",
+        f"zero-area boxes   {report['zero_area_boxes']}",
+        f"missing files     {report['missing_files']}",
+        f"unknown size      {report['unknown_size']}",
+        f"corrupt images    {'not checked (use --decode)' if corrupt is None else corrupt}",
+    ]
+    for key, examples in report["examples"].items():
+        lines.append(f"{key}:")
+        lines += [f"  {e}" for e in examples]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- helpers
+def _keypoints(record: InstanceRecord, k: int) -> np.ndarray:
+    kp = np.asarray(record.keypoints, np.float32)
+    if kp.shape != (k, 3):
+        raise DataError(f"{record.describe()}: keypoints shape {kp.shape}, spec wants {(k, 3)}")
+    return kp
+
+
+def _image_sizes(records: Sequence[InstanceRecord], decode: bool) -> dict[str, Any]:
+    """image path -> (h, w), "missing", "corrupt" or None (size unknown)."""
+    sizes: dict[str, Any] = {}
+    for r in records:
+        if r.image_path in sizes:
+            continue
+        if not os.path.isfile(r.image_path):
+            sizes[r.image_path] = "missing"
+        elif decode:
+            sizes[r.image_path] = _decoded_size(r.image_path)
+        else:
+            sizes[r.image_path] = tuple(r.image_size) if r.image_size else None
+    return sizes
+
+
+def _decoded_size(path: str) -> tuple[int, int] | str:
+    import cv2
+
+    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    return "corrupt" if image is None else (int(image.shape[0]), int(image.shape[1]))
+
+
+def _points_outside(kp: np.ndarray, size: tuple[int, int]) -> list[int]:
+    h, w = size
+    x, y, v = kp[:, 0], kp[:, 1], kp[:, 2]
+    bad = (v > 0) & ((x < -0.5) | (y < -0.5) | (x > w - 0.5) | (y > h - 0.5))
+    return [int(i) for i in np.flatnonzero(bad)]
+
+
+def _box_outside(box: Sequence[float], size: tuple[int, int], tol: float = 1.0) -> bool:
+    h, w = size
+    x, y, bw, bh = box
+    return x < -tol or y < -tol or x + bw > w + tol or y + bh > h + tol

@@ -1,0 +1,462 @@
+"""The tf.data pipeline: records -> (uint8 input crops, keypoints in heatmap coordinates).
+
+Example:
+    >>> from kpnet.data.pipeline import PipelineConfig, build_dataset
+    >>> ds = build_dataset(records, spec, PipelineConfig(), batch_size=32,  # doctest: +SKIP
+    ...                    training=True, repeat=True)
+    >>> images, keypoints = next(iter(ds))  # uint8 [32,256,192,3], float32 [32,K,3]
+
+How it works (per element of the image-level stage):
+
+1. records are grouped by image file, so an image holding several instances is read and
+   decoded ONCE (at evaluation consecutive records of one file form a group, keeping the
+   record order; at training all of a file's records do);
+2. each instance gets ONE [2, 3] affine matrix (image -> input crop, pixel centres at
+   integer coordinates, see :mod:`kpnet.codec`) built from its box (or the whole image) and
+   the random augmentation (:mod:`kpnet.data.augment`, stateless, keyed by seed, epoch and
+   image, so a run is reproducible whatever the parallelism);
+3. JPEGs are decoded only inside the bounding window of all the image's crops
+   (``decode_and_crop_jpeg``); each crop is one bilinear ``ImageProjectiveTransformV3`` of
+   output size, so a crop costs O(output pixels);
+4. keypoints go through the same matrix (flip permutes them with ``spec.flip_index``),
+   points leaving the crop become v = 0 with (x, y) = 0, and are mapped to heatmap
+   coordinates with :func:`kpnet.codec.input_to_heatmap`;
+5. photometric jitter on the uint8 crop (training), instance shuffle buffer, batch, prefetch.
+
+Errors: records are checked up front (keypoint shapes; every image file exists, is
+non-empty, is a JPEG or PNG, and a file without an end marker is test-decoded); a failure
+raises :class:`kpnet.data.DataError` naming the file and the record, or with
+``on_error="skip"`` drops the file's records with a warning. A file that passes these checks
+but still fails to decode inside tf.data raises TensorFlow's decode error (``"skip"`` ignores
+it: the image's instances are dropped and TF logs a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import tensorflow as tf
+
+from kpnet import codec
+from kpnet.data import augment as aug
+from kpnet.data.records import DataError, InstanceRecord
+from kpnet.spec import KeypointSpec
+
+log = logging.getLogger(__name__)
+
+MODES = ("topdown", "whole", "random_crop")
+_JPEG, _PNG = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """How records become model inputs.
+
+    Args:
+        input_size: (H, W) of the input crop; both divisible by 32.
+        stride: input pixels per heatmap pixel.
+        mode: ``"topdown"`` (crop around each instance box), ``"whole"`` (the whole image
+            letterboxed into the input, aspect kept) or ``"random_crop"`` (training: a random
+            window that contains the instance box; evaluation: the whole image).
+        padding: (x, y) extension of the box for top-down crops (tf-cpn: (1.2, 1.3)).
+        train_box_extend: extra extension of top-down crops when training (tf-cpn: 1.25).
+        augment: :class:`~kpnet.data.augment.AugmentConfig` (or a mapping of its fields).
+        shuffle_buffer: instance-level shuffle buffer (after the per-epoch image shuffle).
+        fill_value: grey level outside the image.
+    """
+
+    input_size: tuple[int, int] = (256, 192)
+    stride: int = 4
+    mode: str = "topdown"
+    padding: tuple[float, float] = (1.2, 1.3)
+    train_box_extend: float = 1.25
+    augment: aug.AugmentConfig = field(default_factory=aug.AugmentConfig)
+    shuffle_buffer: int = 256
+    fill_value: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+        object.__setattr__(self, "padding", tuple(float(v) for v in self.padding))
+        if isinstance(self.augment, Mapping):
+            object.__setattr__(self, "augment", aug.AugmentConfig(**self.augment))
+        if self.mode not in MODES:
+            raise ValueError(f"pipeline.mode: {self.mode!r} is not one of {MODES}")
+        if len(self.input_size) != 2 or any(v <= 0 or v % 32 for v in self.input_size):
+            raise ValueError(f"pipeline.input_size: {self.input_size} must be 2 multiples of 32")
+        if self.stride <= 0 or any(v % self.stride for v in self.input_size):
+            raise ValueError(f"pipeline.stride: {self.stride} must divide {self.input_size}")
+
+    @property
+    def aspect_ratio(self) -> float:
+        return self.input_size[1] / self.input_size[0]
+
+    @property
+    def heatmap_size(self) -> tuple[int, int]:
+        return self.input_size[0] // self.stride, self.input_size[1] // self.stride
+
+
+# --------------------------------------------------------------------------- record checks
+def _record_arrays(records: Sequence[InstanceRecord], spec: KeypointSpec):
+    """Stack keypoints [N,K,3] and boxes [N,4]; DataError on a malformed record."""
+    k = spec.num_keypoints
+    kps = np.zeros((len(records), k, 3), np.float32)
+    boxes = np.zeros((len(records), 4), np.float32)
+    for i, r in enumerate(records):
+        kp = np.asarray(r.keypoints, np.float32)
+        if kp.shape != (k, 3) or not np.isfinite(kp).all():
+            raise DataError(
+                f"{r.describe()}: keypoints must be finite float [{k}, 3] for this spec, got "
+                f"shape {kp.shape}; fix the source or the spec"
+            )
+        if len(r.box) != 4 or not np.isfinite(r.box).all() or min(r.box[2:]) <= 0:
+            raise DataError(f"{r.describe()}: box must be (x, y, w, h) with w, h > 0, got {r.box}")
+        kps[i], boxes[i] = kp, r.box
+    return kps, boxes
+
+
+def _file_problem(path: str) -> str | None:
+    """Why an image file is unusable, or None (cheap: head + tail, decode only if unsure)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            f.seek(max(size - 12, 0))
+            tail = f.read()
+    except OSError as err:
+        return f"cannot read the image file ({err.strerror or err})"
+    if size == 0:
+        return "the image file is empty"
+    if head.startswith(_JPEG):
+        ok_end = tail.endswith(b"\xff\xd9")
+    elif head.startswith(_PNG):
+        ok_end = b"IEND" in tail
+    else:
+        return "not a JPEG or PNG file (convert it to one of those)"
+    if not ok_end:  # truncated, or trailing bytes after the end marker: try it
+        try:
+            tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        except (tf.errors.OpError, ValueError) as err:
+            return f"the image is corrupt or truncated ({err.message.splitlines()[0]})"
+    return None
+
+
+def _check_files(records: Sequence[InstanceRecord], on_error: str) -> np.ndarray:
+    """Indices of records whose image file is usable (raises DataError unless skipping)."""
+    paths = sorted({r.image_path for r in records})
+    with ThreadPoolExecutor(8) as pool:
+        problems = dict(zip(paths, pool.map(_file_problem, paths), strict=True))
+    bad = {p: why for p, why in problems.items() if why}
+    if bad and on_error == "raise":
+        first = next(r for r in records if r.image_path in bad)
+        more = f" ({len(bad) - 1} more bad files)" if len(bad) > 1 else ""
+        raise DataError(
+            f"{first.describe()}: {bad[first.image_path]}: {first.image_path}{more}. "
+            "Fix or remove the file, or pass on_error='skip'"
+        )
+    keep = np.array([i for i, r in enumerate(records) if r.image_path not in bad], np.int64)
+    if bad:
+        log.warning("skipping %d records of %d unusable image files (first: %s: %s)",
+                    len(records) - len(keep), len(bad), *next(iter(bad.items())))
+    return keep
+
+
+def _group(records: Sequence[InstanceRecord], keep: np.ndarray, consecutive: bool):
+    """Record indices grouped by image file: (paths [G], members ragged [G, None])."""
+    groups: list[tuple[str, list[int]]] = []
+    index: dict[str, int] = {}
+    for i in keep.tolist():
+        path = records[i].image_path
+        if consecutive:
+            if groups and groups[-1][0] == path:
+                groups[-1][1].append(i)
+            else:
+                groups.append((path, [i]))
+        elif path in index:
+            groups[index[path]][1].append(i)
+        else:
+            index[path] = len(groups)
+            groups.append((path, [i]))
+    return [g[0] for g in groups], [g[1] for g in groups]
+
+
+# --------------------------------------------------------------------------- graph helpers
+def _image_hw(contents: tf.Tensor) -> tf.Tensor:
+    """(H, W) int32 from the JPEG / PNG header, without decoding."""
+
+    def png_hw():
+        b = tf.cast(tf.io.decode_raw(tf.strings.substr(contents, 16, 8), tf.uint8), tf.int32)
+        w = b[0] * 2**24 + b[1] * 2**16 + b[2] * 2**8 + b[3]
+        h = b[4] * 2**24 + b[5] * 2**16 + b[6] * 2**8 + b[7]
+        return tf.stack([h, w])
+
+    is_jpeg = tf.strings.substr(contents, 0, 3) == _JPEG
+    return tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(contents)[:2], png_hw)
+
+
+def _roi(m: tf.Tensor, hw: tf.Tensor, output_size: Sequence[int]) -> tf.Tensor:
+    """Window [y0, x0, h, w] of the image that all crops [n,2,3] sample from (clipped)."""
+    out_h, out_w = float(output_size[0]), float(output_size[1])
+    corners = tf.constant([[-0.5, -0.5], [out_w - 0.5, -0.5], [-0.5, out_h - 0.5],
+                           [out_w - 0.5, out_h - 0.5]])  # fmt: skip
+    inv = aug.invert_affines(m)
+    pts = tf.reshape(tf.einsum("nij,cj->nci", inv[:, :, :2], corners) + inv[:, None, :, 2], [-1, 2])
+    lo = tf.cast(tf.floor(tf.reduce_min(pts, 0)), tf.int32) - 1
+    hi = tf.cast(tf.math.ceil(tf.reduce_max(pts, 0)), tf.int32) + 2
+    size_xy = tf.stack([hw[1], hw[0]])
+    lo = tf.clip_by_value(lo, 0, size_xy - 1)
+    hi = tf.clip_by_value(hi, lo + 1, size_xy)
+    return tf.stack([lo[1], lo[0], hi[1] - lo[1], hi[0] - lo[0]])
+
+
+def _decode_window(contents: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
+    """uint8 RGB pixels of ``window`` = [y0, x0, h, w] (JPEG: only that window is decoded)."""
+    is_jpeg = tf.strings.substr(contents, 0, 3) == _JPEG
+
+    def png():
+        img = tf.io.decode_png(contents, channels=3)
+        return img[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
+
+    return tf.cond(
+        is_jpeg, lambda: tf.image.decode_and_crop_jpeg(contents, window, channels=3), png
+    )
+
+
+def _warp(image: tf.Tensor, m: tf.Tensor, origin_xy: tf.Tensor, config: PipelineConfig):
+    """Bilinear crops [n,H,W,3] uint8 of ``image`` (whose top-left is ``origin_xy``)."""
+    inv = aug.invert_affines(m)  # crop -> image
+    origin = tf.cast(origin_xy, tf.float32)
+    n = tf.shape(m)[0]
+    transforms = tf.concat(
+        [inv[:, 0, :2], (inv[:, 0, 2] - origin[0])[:, None], inv[:, 1, :2],
+         (inv[:, 1, 2] - origin[1])[:, None], tf.zeros([n, 2])], axis=1,
+    )  # fmt: skip
+    batch = image[None]
+
+    def one(t: tf.Tensor) -> tf.Tensor:
+        return tf.raw_ops.ImageProjectiveTransformV3(
+            images=batch, transforms=t[None], output_shape=list(config.input_size),
+            fill_value=float(config.fill_value), interpolation="BILINEAR", fill_mode="CONSTANT",
+        )[0]  # fmt: skip
+
+    spec = tf.TensorSpec([*config.input_size, 3], tf.uint8)
+    return tf.map_fn(one, transforms, fn_output_signature=spec)
+
+
+# --------------------------------------------------------------------------- the builder
+class _Builder:
+    """Holds the constant tables and the graph functions of one dataset."""
+
+    def __init__(self, records, spec, config, training, seed, paths, members, kps, boxes):
+        self.spec, self.config, self.training, self.seed = spec, config, training, int(seed)
+        self.paths = tf.constant(paths)
+        self.flat_members = tf.constant(np.concatenate(members).astype(np.int64))
+        self.splits = tf.constant(np.cumsum([0] + [len(m) for m in members]), tf.int64)
+        self.num_groups, self.num_records = len(paths), len(records)
+        self.keypoints = tf.constant(kps)
+        self.boxes = tf.constant(boxes)
+        centers, sizes = zip(
+            *(codec.box_to_center_scale(b, config.aspect_ratio, config.padding) for b in boxes),
+            strict=True,
+        )
+        self.centers, self.sizes = tf.constant(np.stack(centers)), tf.constant(np.stack(sizes))
+        self.flip_index = tf.constant(spec.flip_index, tf.int32)
+        a = config.augment
+        self.upper = a.upper_body_index(spec) if a.half_body_prob > 0 else None
+        if training and a.half_body_prob > 0 and self.upper is None:
+            raise ValueError(
+                "augment.half_body_prob > 0 needs augment.upper_body for a non-COCO spec"
+            )
+        self.albu = aug.AlbumentationsOp(a.photometric) if a.photometric else None
+
+    # -- geometry ---------------------------------------------------------------------
+    def _whole(self, hw: tf.Tensor, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        hwf = tf.cast(hw, tf.float32)
+        center = tf.stack([(hwf[1] - 1) * 0.5, (hwf[0] - 1) * 0.5])
+        size = aug.aspect_fit(tf.stack([hwf[1], hwf[0]]), self.config.aspect_ratio)
+        return tf.tile(center[None], [n, 1]), tf.tile(size[None], [n, 1])
+
+    def _random_window(self, box: tf.Tensor, hw: tf.Tensor, seed: tf.Tensor):
+        """Random windows [n] (center, size) containing each box, inside the image if possible."""
+        n = tf.shape(box)[0]
+        full_c, full_s = self._whole(hw, n)
+        box_s = aug.aspect_fit(box[:, 2:] * self.config.padding, self.config.aspect_ratio)
+        u = tf.random.stateless_uniform(tf.stack([n, 3]), seed=seed)
+        size = box_s + u[:, :1] * tf.maximum(full_s - box_s, 0.0)
+        half = size * 0.5
+        lo, hi = box[:, :2] + box[:, 2:] - 1 - half, box[:, :2] + half  # window holds the box
+        img_lo, img_hi = half - 0.5, tf.stack([full_c[:, 0], full_c[:, 1]], 1) * 2 + 0.5 - half
+        lo2, hi2 = tf.maximum(lo, img_lo), tf.minimum(hi, img_hi)
+        lo, hi = tf.where(lo2 <= hi2, lo2, lo), tf.where(lo2 <= hi2, hi2, hi)
+        return lo + u[:, 1:] * (hi - lo), size
+
+    def matrices(self, idx: tf.Tensor, hw: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """[n, 2, 3] image -> crop matrices of records ``idx`` in an image of size ``hw``."""
+        cfg, n = self.config, tf.shape(idx)[0]
+        seeds = tf.random.experimental.stateless_split(seed, 2)
+        if cfg.mode == "topdown":
+            center, size = tf.gather(self.centers, idx), tf.gather(self.sizes, idx)
+            if self.training:
+                size = size * cfg.train_box_extend
+        elif cfg.mode == "random_crop" and self.training:
+            center, size = self._random_window(tf.gather(self.boxes, idx), hw, seeds[1])
+        else:
+            center, size = self._whole(hw, n)
+        if not self.training:
+            return aug.affine_matrices(center, size, tf.zeros([n]), tf.zeros([n], tf.bool),
+                                       cfg.input_size)  # fmt: skip
+        scale, rot, flip, hb = aug.sample_geometry(cfg.augment, seeds[0], n)
+        if self.upper is not None and cfg.mode == "topdown":
+            kp = tf.gather(self.keypoints, idx)
+            center, size = aug.half_body(kp, center, size, hb, self.upper, cfg.augment,
+                                         cfg.aspect_ratio)  # fmt: skip
+        if cfg.mode != "random_crop":
+            size = size * scale[:, None]
+        return aug.affine_matrices(center, size, rot, flip, cfg.input_size)
+
+    def keypoints_out(self, idx: tf.Tensor, m: tf.Tensor) -> tf.Tensor:
+        """Keypoints [n,K,3] in heatmap coords; flipped order; outside / unlabelled -> 0."""
+        kp = tf.gather(self.keypoints, idx)
+        xy = aug.transform_keypoints(kp, m)
+        v = kp[..., 2]
+        flipped = (m[:, 0, 0] * m[:, 1, 1] - m[:, 0, 1] * m[:, 1, 0]) < 0  # det < 0: mirrored
+        xy = tf.where(flipped[:, None, None], tf.gather(xy, self.flip_index, axis=1), xy)
+        v = tf.where(flipped[:, None], tf.gather(v, self.flip_index, axis=1), v)
+        h, w = self.config.input_size
+        x, y = xy[..., 0], xy[..., 1]
+        inside = (v > 0) & (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
+        hm = codec.input_to_heatmap(xy, float(self.config.stride))
+        hm = tf.where(inside[..., None], hm, 0.0)
+        return tf.concat([hm, tf.where(inside, v, 0.0)[..., None]], axis=-1)
+
+    # -- stages -----------------------------------------------------------------------
+    def load(self, epoch: tf.Tensor, group: tf.Tensor):
+        """One image: read, decode the ROI once, warp all its instances."""
+        idx = self.flat_members[self.splits[group] : self.splits[group + 1]]
+        contents = tf.io.read_file(self.paths[group])
+        hw = _image_hw(contents)
+        key = epoch * self.num_groups + group
+        m = self.matrices(idx, hw, tf.stack([tf.constant(self.seed, tf.int64), key]))
+        window = _roi(m, hw, self.config.input_size)
+        image = _decode_window(contents, window)
+        crops = _warp(image, m, tf.stack([window[1], window[0]]), self.config)
+        n = tf.shape(idx)[0]
+        return crops, self.keypoints_out(idx, m), m, idx, tf.fill([n], epoch)
+
+    def photometric(self, image, keypoints, m, idx, epoch):
+        """Colour jitter / albumentations on one uint8 crop, seeded per record and epoch."""
+        seed = tf.stack([tf.constant(self.seed + 1, tf.int64), epoch * self.num_records + idx])
+        image = aug.color_jitter(image, self.config.augment, seed)
+        if self.albu is not None:
+            image = self.albu.apply(image, seed[1] * 7919 + seed[0])
+        return image, keypoints, m, idx, epoch
+
+    def epochs(self, shuffle: bool, repeat: bool) -> tf.data.Dataset:
+        """(epoch, group) pairs; groups permuted per epoch (stateless) when shuffling."""
+        g = self.num_groups
+
+        def one_epoch(e):
+            order = tf.range(g, dtype=tf.int64)
+            if shuffle:
+                u = tf.random.stateless_uniform([g], seed=tf.stack([self.seed + 2, e]))
+                order = tf.gather(order, tf.argsort(u))
+            return tf.data.Dataset.from_tensor_slices(order).map(lambda i: (e, i))
+
+        if repeat:
+            return tf.data.Dataset.counter().flat_map(one_epoch)
+        # One pass; each new iteration (a new Keras epoch) draws a fresh, seeded epoch key.
+        key = tf.data.Dataset.random(seed=self.seed, rerandomize_each_iteration=True).take(1)
+        return key.map(lambda k: k % 2**40).flat_map(one_epoch)
+
+
+def build_dataset(
+    records: Sequence[InstanceRecord],
+    spec: KeypointSpec,
+    config: PipelineConfig,
+    batch_size: int,
+    training: bool,
+    seed: int = 0,
+    shuffle: bool | None = None,
+    repeat: bool = False,
+    with_meta: bool = False,
+    input_context: tf.distribute.InputContext | None = None,
+    on_error: str = "raise",
+    drop_remainder: bool | None = None,
+) -> tf.data.Dataset:
+    """A batched tf.data pipeline of input crops and heatmap-coordinate keypoints.
+
+    Args:
+        records: instances (any source); image files are checked up front.
+        spec: the keypoint spec (K keypoints, flip pairs).
+        config: geometry and augmentation (:class:`PipelineConfig`).
+        batch_size: the GLOBAL batch size. With ``input_context`` the dataset batches
+            ``input_context.get_per_replica_batch_size(batch_size)`` and reads only its
+            shard of the images (``input_pipeline_id`` of ``num_input_pipelines``): use it from
+            ``strategy.distribute_datasets_from_function(lambda ctx: build_dataset(...,
+            input_context=ctx))``. Without a context the dataset yields global batches, which
+            ``strategy.experimental_distribute_dataset`` splits across replicas (auto-shard
+            policy DATA).
+        training: augment (and extend top-down boxes); default shuffling.
+        seed: everything random is a stateless function of (seed, epoch, image/record).
+        shuffle: shuffle images per epoch and instances in a buffer (default: ``training``).
+        repeat: repeat forever (epoch e gets fresh augmentation); else one pass.
+        with_meta: also yield ``{"affine": [B,2,3] image -> input crop, "index": [B]}``
+            (index into ``records``).
+        input_context: see ``batch_size``.
+        on_error: ``"raise"`` (DataError naming file and record) or ``"skip"`` (drop them).
+        drop_remainder: drop a last partial batch (default: ``training``).
+
+    Returns:
+        ``(images uint8 [B,H,W,3], keypoints float32 [B,K,3])``, plus ``meta`` if asked.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error: {on_error!r} is not 'raise' or 'skip'")
+    if int(batch_size) <= 0:
+        raise ValueError(f"batch_size: must be > 0, got {batch_size}")
+    records = list(records)
+    if not records:
+        raise DataError("build_dataset: no records (check the annotation file and filters)")
+    shuffle = training if shuffle is None else bool(shuffle)
+    drop_remainder = training if drop_remainder is None else bool(drop_remainder)
+    kps, boxes = _record_arrays(records, spec)
+    paths, members = _group(records, _check_files(records, on_error), consecutive=not shuffle)
+    if not paths:
+        raise DataError("build_dataset: every record's image file is unusable")
+    if input_context is not None:
+        pid, num = input_context.input_pipeline_id, input_context.num_input_pipelines
+        paths, members = paths[pid::num], members[pid::num]
+        batch_size = input_context.get_per_replica_batch_size(batch_size)
+    if drop_remainder and not repeat and sum(map(len, members)) < batch_size:
+        raise DataError(
+            f"build_dataset: {sum(map(len, members))} instances are fewer than one batch of "
+            f"{batch_size} with drop_remainder; lower the batch size or pass repeat=True"
+        )
+    b = _Builder(records, spec, config, training, seed, paths, members, kps, boxes)
+    ds = b.epochs(shuffle, repeat).map(b.load, num_parallel_calls=AUTOTUNE, deterministic=True)
+    if on_error == "skip":
+        ds = ds.ignore_errors(log_warning=True)
+    ds = ds.unbatch()
+    a = config.augment
+    if training and (a.brightness or a.contrast or a.saturation or a.hue or a.photometric):
+        ds = ds.map(b.photometric, num_parallel_calls=AUTOTUNE, deterministic=True)
+    if shuffle and config.shuffle_buffer > 1:
+        ds = ds.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
+                  deterministic=True)  # fmt: skip
+    if with_meta:
+        ds = ds.map(lambda im, kp, m, i, e: (im, kp, {"affine": m, "index": i}))
+    else:
+        ds = ds.map(lambda im, kp, m, i, e: (im, kp))
+    options = tf.data.Options()
+    options.deterministic = True
+    options.experimental_distribute.auto_shard_policy = (
+        tf.data.experimental.AutoShardPolicy.OFF
+        if input_context is not None
+        else tf.data.experimental.AutoShardPolicy.DATA
+    )
+    return ds.prefetch(AUTOTUNE).with_options(options)

@@ -1,0 +1,204 @@
+"""Backbones that tap the C2..C5 feature maps (strides 4, 8, 16, 32) for the CPN.
+
+Names: ``resnet50`` and ``resnet101`` (keras.applications, caffe-style preprocessing) and
+``tiny`` (a small residual net, widths 16/32/64/128, for fast CPU tests and tiny data sets).
+Every backbone takes RGB images in 0..255 and normalises inside with a :class:`Preprocess`
+layer, so the model needs no preprocessing outside.
+
+Example:
+    >>> import keras
+    >>> images = keras.Input((64, 64, 3))
+    >>> [tuple(f.shape[1:]) for f in build_backbone("tiny", images)]
+    [(16, 16, 16), (8, 8, 32), (4, 4, 64), (2, 2, 128)]
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import keras
+from keras import layers, ops
+
+BACKBONES: tuple[str, ...] = ("resnet50", "resnet101", "tiny")
+
+#: keras.applications layer names of the C2..C5 taps.
+RESNET_TAPS: dict[str, tuple[str, ...]] = {
+    "resnet50": ("conv2_block3_out", "conv3_block4_out", "conv4_block6_out", "conv5_block3_out"),
+    "resnet101": (
+        "conv2_block3_out",
+        "conv3_block4_out",
+        "conv4_block23_out",
+        "conv5_block3_out",
+    ),
+}
+TINY_WIDTHS: tuple[int, ...] = (16, 32, 64, 128)
+_CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
+_WEIGHTS_HOST = ("storage.googleapis.com", 443)
+
+
+class BackboneWeightsError(ValueError):
+    """Backbone weights cannot be found or loaded; the message says how to supply them."""
+
+
+@keras.saving.register_keras_serializable(package="kpnet")
+class Preprocess(layers.Layer):
+    """Cast RGB 0..255 images and normalise them for a backbone.
+
+    ``mode="caffe"``: RGB -> BGR and ImageNet mean subtraction (keras.applications ResNet);
+    ``mode="scale"``: map 0..255 to -1..1.
+
+    Example:
+        >>> import numpy as np
+        >>> out = Preprocess("caffe")(np.full((1, 2, 2, 3), 255, "uint8"))
+        >>> [round(float(v), 3) for v in out[0, 0, 0]]
+        [151.061, 138.221, 131.32]
+    """
+
+    def __init__(self, mode: str = "caffe", **kwargs) -> None:
+        super().__init__(**kwargs)
+        if mode not in ("caffe", "scale"):
+            raise ValueError(f"Preprocess: unknown mode {mode!r} (use 'caffe' or 'scale')")
+        self.mode = mode
+
+    def call(self, images):
+        x = ops.cast(images, self.compute_dtype)
+        if self.mode == "scale":
+            return x / 127.5 - 1.0
+        mean = ops.convert_to_tensor(_CAFFE_MEAN_BGR, dtype=self.compute_dtype)
+        return ops.flip(x, axis=-1) - mean
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "mode": self.mode}
+
+
+def build_backbone(name: str, input_tensor, weights: str | None = None) -> list:
+    """Build a backbone on ``input_tensor`` (RGB 0..255) and return ``[C2, C3, C4, C5]``.
+
+    Args:
+        name: one of :data:`BACKBONES`.
+        input_tensor: a symbolic ``keras.Input`` (or tensor derived from one), [B, H, W, 3].
+        weights: None (random init), ``"imagenet"`` (ResNets only; taken from the keras cache,
+            downloaded only when the network is reachable) or a local ``.h5`` /
+            ``.weights.h5`` file holding the backbone's weights.
+
+    Raises:
+        ValueError: unknown backbone name.
+        BackboneWeightsError: weights missing, unreachable or not loadable.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {list(BACKBONES)}")
+    weights = resolve_weights(name, weights)
+    if name == "tiny":
+        return _tiny(input_tensor, weights)
+    return _resnet(name, input_tensor, weights)
+
+
+# --------------------------------------------------------------------------- weights
+def resolve_weights(name: str, weights: str | os.PathLike | None) -> str | None:
+    """Turn a ``weights`` argument into None, ``"imagenet"`` (downloadable) or a file path."""
+    if weights is None:
+        return None
+    weights = str(weights)
+    if weights == "imagenet":
+        if name == "tiny":
+            raise BackboneWeightsError(
+                "backbone 'tiny' has no ImageNet weights: use model.backbone_weights: null "
+                "or a local .weights.h5 file"
+            )
+        cached = imagenet_cache_path(name)
+        if cached.is_file():
+            return str(cached)
+        if not _can_download():
+            raise BackboneWeightsError(
+                f"ImageNet weights for {name} are not in the keras cache ({cached}) and the "
+                f"network is unreachable. Download {_weights_file(name)} (keras-applications "
+                f"release) on a connected machine, then either copy it to {cached} or set "
+                f"`model.backbone_weights: /path/to/{_weights_file(name)}` in the recipe "
+                "(backbone_weights= in build_cpn)."
+            )
+        return "imagenet"
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise BackboneWeightsError(
+            f"backbone weights file {str(path)!r} does not exist: set model.backbone_weights "
+            "to an existing .h5 / .weights.h5 file, 'imagenet' or null"
+        )
+    if not path.name.endswith(".h5"):
+        raise BackboneWeightsError(
+            f"backbone weights file {str(path)!r} must be a .h5 or .weights.h5 file"
+        )
+    return str(path)
+
+
+def imagenet_cache_path(name: str) -> Path:
+    """Where keras.applications caches the no-top ImageNet weights of ``name``."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "models" / _weights_file(name)
+
+
+def _weights_file(name: str) -> str:
+    return f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
+def _can_download(timeout: float = 2.0) -> bool:
+    try:
+        with socket.create_connection(_WEIGHTS_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_into(model: keras.Model, path: str, name: str) -> None:
+    try:
+        model.load_weights(path)
+    except Exception as err:  # keras raises several types here; re-raise one clear error
+        raise BackboneWeightsError(
+            f"cannot load backbone weights {path!r} into {name}: {err}. The file must hold "
+            f"the weights of a {name} backbone without its top (e.g. "
+            f"{_weights_file(name) if name != 'tiny' else 'tiny_backbone.weights.h5'})"
+        ) from err
+
+
+# --------------------------------------------------------------------------- ResNets
+def _resnet(name: str, input_tensor, weights: str | None) -> list:
+    x = Preprocess("caffe", name="preprocess")(input_tensor)
+    app = keras.applications.ResNet50 if name == "resnet50" else keras.applications.ResNet101
+    try:
+        trunk = app(include_top=False, weights=weights, input_tensor=x)
+    except (OSError, ValueError) as err:
+        raise BackboneWeightsError(f"cannot load backbone weights {weights!r}: {err}") from err
+    return [trunk.get_layer(tap).output for tap in RESNET_TAPS[name]]
+
+
+# --------------------------------------------------------------------------- tiny
+def _tiny(input_tensor, weights: str | None) -> list:
+    x = Preprocess("scale", name="preprocess")(input_tensor)
+    x = _conv_bn(x, TINY_WIDTHS[0], 3, 2, "tiny_stem", relu=True)  # stride 2
+    feats = []
+    for level, width in enumerate(TINY_WIDTHS):
+        x = _tiny_block(x, width, 2, f"tiny_c{level + 2}")
+        feats.append(x)
+    if weights is not None:
+        _load_into(keras.Model(input_tensor, feats, name="tiny_backbone"), weights, "tiny")
+    return feats
+
+
+def _tiny_block(x, width: int, stride: int, name: str):
+    """Basic residual block (3x3, 3x3) with a strided 1x1 projection shortcut."""
+    shortcut = _conv_bn(x, width, 1, stride, f"{name}_proj", relu=False)
+    y = _conv_bn(x, width, 3, stride, f"{name}_conv1", relu=True)
+    y = _conv_bn(y, width, 3, 1, f"{name}_conv2", relu=False)
+    return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([y, shortcut]))
+
+
+def _conv_bn(x, filters: int, kernel: int, stride: int, name: str, relu: bool):
+    x = layers.Conv2D(
+        filters, kernel, strides=stride, padding="same", use_bias=False, name=f"{name}_conv"
+    )(x)
+    x = layers.BatchNormalization(epsilon=1e-5, name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x) if relu else x

@@ -1,0 +1,142 @@
+"""The Cascaded Pyramid Network (Chen et al., CVPR 2018) as a functional Keras model.
+
+Layout follows the public PyTorch CPN (GengDavid/pytorch-cpn, ``globalNet.py`` and
+``refineNet.py``): a backbone tapping C2..C5, a GlobalNet feature pyramid with one heatmap head
+per level, and a RefineNet that upsamples all pyramid levels (after 0/1/2/3 bottlenecks),
+concatenates them and predicts the refined heatmaps. Every head outputs float32 heatmaps at
+1/4 of the input size, keyed by :data:`kpnet.codec.OUTPUT_NAMES`.
+
+Layer names record the architecture (``conv4_block23_out`` = ResNet-101, ``tiny_*`` = tiny,
+``global_lateral_p2_conv.filters`` = pyramid width), which :mod:`kpnet.models.retarget` reads.
+
+Example:
+    >>> model = build_cpn(2, input_shape=(64, 64, 3), backbone="tiny", pyramid_channels=32)
+    >>> {k: tuple(v.shape[1:]) for k, v in model.output.items()}["refine"]
+    (16, 16, 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import keras
+from keras import layers
+
+from kpnet.codec import OUTPUT_NAMES
+from kpnet.models.backbones import build_backbone
+
+LEVELS: tuple[int, ...] = (2, 3, 4, 5)  # pyramid levels, finest (stride 4) first
+OUTPUT_STRIDE = 4
+_BN_EPS = 1e-5
+
+
+def build_cpn(
+    num_channels: int,
+    input_shape: Sequence[int] = (256, 192, 3),
+    backbone: str = "resnet50",
+    backbone_weights: str | None = None,
+    pyramid_channels: int = 256,
+    name: str = "cpn",
+) -> keras.Model:
+    """Build a CPN heatmap model.
+
+    Args:
+        num_channels: heatmap channels C (``spec.num_channels``).
+        input_shape: (H, W, 3); H and W must divide by 32.
+        backbone: ``"resnet50"``, ``"resnet101"`` or ``"tiny"``.
+        backbone_weights: None, ``"imagenet"`` or a local ``.h5``/``.weights.h5`` file.
+        pyramid_channels: GlobalNet/RefineNet width (256 in the paper; smaller for tiny models).
+        name: model name.
+
+    Returns:
+        A ``keras.Model`` taking RGB 0..255 images [B, H, W, 3] and returning a dict of float32
+        heatmaps [B, H/4, W/4, C] keyed by ``OUTPUT_NAMES``.
+    """
+    h, w, c = (int(v) for v in input_shape)
+    if h % 32 or w % 32 or c != 3:
+        raise ValueError(
+            f"build_cpn: input_shape {tuple(input_shape)} must be (H, W, 3) with H and W "
+            "divisible by 32 (e.g. (256, 192, 3))"
+        )
+    if int(num_channels) < 1:
+        raise ValueError(f"build_cpn: num_channels must be >= 1, got {num_channels}")
+    if int(pyramid_channels) < 2 or int(pyramid_channels) % 2:
+        raise ValueError(f"build_cpn: pyramid_channels must be even, got {pyramid_channels}")
+    images = keras.Input((h, w, 3), name="images")
+    feats = build_backbone(backbone, images, backbone_weights)
+    pyramid, global_maps = global_net(feats, int(num_channels), int(pyramid_channels))
+    refine = refine_net(pyramid, int(num_channels), int(pyramid_channels))
+    heads = [*global_maps, refine]
+    outputs = {
+        out: layers.Activation("linear", dtype="float32", name=out)(t)
+        for out, t in zip(OUTPUT_NAMES, heads, strict=True)
+    }
+    return keras.Model(images, outputs, name=name)
+
+
+# --------------------------------------------------------------------------- GlobalNet
+def global_net(feats: Sequence, num_channels: int, width: int) -> tuple[list, list]:
+    """Feature pyramid over ``[C2..C5]``; returns (pyramid features P2..P5, heatmaps P2..P5)."""
+    pyramid: dict[int, object] = {}
+    up = None
+    for level, feat in reversed(list(zip(LEVELS, feats, strict=True))):
+        x = _conv_bn(feat, width, 1, f"global_lateral_p{level}", relu=True)
+        if up is not None:
+            x = layers.Add(name=f"global_merge_p{level}")([x, up])
+        pyramid[level] = x
+        if level != LEVELS[0]:
+            up = layers.UpSampling2D(2, interpolation="bilinear", name=f"global_up_p{level}")(x)
+            up = layers.Conv2D(width, 1, use_bias=True, name=f"global_up_p{level}_conv")(up)
+            up = layers.BatchNormalization(epsilon=_BN_EPS, name=f"global_up_p{level}_bn")(up)
+    maps = [_global_head(pyramid[lv], lv, num_channels, width) for lv in LEVELS]
+    return [pyramid[lv] for lv in LEVELS], maps
+
+
+def _global_head(x, level: int, num_channels: int, width: int):
+    x = _conv_bn(x, width, 1, f"global_predict_p{level}", relu=True)
+    x = layers.Conv2D(
+        num_channels, 3, padding="same", use_bias=False, name=f"global_p{level}_head_conv"
+    )(x)
+    x = _upsample(x, level, f"global_p{level}_head")
+    return layers.BatchNormalization(epsilon=_BN_EPS, name=f"global_p{level}_head_bn")(x)
+
+
+# --------------------------------------------------------------------------- RefineNet
+def refine_net(pyramid: Sequence, num_channels: int, width: int):
+    """RefineNet: level P_l passes through l-2 bottlenecks, all are upsampled and concatenated."""
+    branches = []
+    for level, x in zip(LEVELS, pyramid, strict=True):
+        for i in range(level - LEVELS[0]):
+            x = bottleneck(x, width // 2, f"refine_p{level}_block{i + 1}")
+        branches.append(_upsample(x, level, f"refine_p{level}"))
+    x = layers.Concatenate(name="refine_concat")(branches)
+    x = bottleneck(x, width // 2, "refine_final_block")
+    x = layers.Conv2D(num_channels, 3, padding="same", use_bias=False, name="refine_head_conv")(x)
+    return layers.BatchNormalization(epsilon=_BN_EPS, name="refine_head_bn")(x)
+
+
+def bottleneck(x, planes: int, name: str):
+    """pytorch-cpn's refineNet Bottleneck: 1x1 -> 3x3 -> 1x1 (planes, planes, 2*planes).
+
+    The shortcut is always a 1x1 conv + BN projection, as in pytorch-cpn.
+    """
+    shortcut = _conv_bn(x, 2 * planes, 1, f"{name}_proj", relu=False)
+    y = _conv_bn(x, planes, 1, f"{name}_1", relu=True)
+    y = _conv_bn(y, planes, 3, f"{name}_2", relu=True)
+    y = _conv_bn(y, 2 * planes, 1, f"{name}_3", relu=False)
+    return layers.ReLU(name=f"{name}_out")(layers.Add(name=f"{name}_add")([y, shortcut]))
+
+
+# --------------------------------------------------------------------------- helpers
+def _upsample(x, level: int, name: str):
+    """Bilinear resize from stride 2**level to the output stride 4 (identity at P2)."""
+    factor = 2 ** level // OUTPUT_STRIDE
+    if factor == 1:
+        return x
+    return layers.UpSampling2D(factor, interpolation="bilinear", name=f"{name}_up")(x)
+
+
+def _conv_bn(x, filters: int, kernel: int, name: str, relu: bool):
+    x = layers.Conv2D(filters, kernel, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(epsilon=_BN_EPS, name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x) if relu else x

@@ -1,0 +1,435 @@
+"""Training recipes: one validated YAML file describes data, model, loss and schedule.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> path = pathlib.Path(tempfile.mkdtemp()) / "r.yaml"
+    >>> _ = path.write_text("data: {source: synthetic_pins, synthetic_pins: {cache_dir: c}}")
+    >>> recipe = load_recipe(path, ["train.epochs=3", "model.backbone=tiny"])
+    >>> recipe.train.epochs, recipe.model.backbone, recipe.data.synthetic_pins.cache_dir.name
+    (3, 'tiny', 'c')
+    >>> try:
+    ...     load_recipe(path, ["train.epcohs=3"])
+    ... except RecipeError as err:
+    ...     print(str(err).split(": ", 1)[1])
+    train.epcohs: unknown key (did you mean 'epochs'?)
+
+Every section forbids unknown keys. Relative paths are resolved against the recipe file's
+folder (paths given with ``--set`` against the working directory), and string values may use
+``${VAR}`` / ``${VAR:-default}`` environment expansion (e.g. ``${KPNET_COCO:-datasets/coco}``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from kpnet.codec import DEFAULT_GLOBAL_SIGMAS, DEFAULT_REFINE_SIGMA
+from kpnet.spec import KeypointSpec, SpecError
+
+
+class RecipeError(ValueError):
+    """A recipe is invalid; the message names the file and the key path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+class CocoSource(_Strict):
+    """COCO-format keypoint json files and their image folders."""
+
+    train_annotations: Path
+    train_images: Path
+    val_annotations: Path | None = None
+    val_images: Path | None = None
+    val_boxes: Path | None = None  # detections json for evaluation (default: GT boxes)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # split off train when no val json
+    split_seed: int = 0
+    score_threshold: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class DlcSource(_Strict):
+    """A DeepLabCut project folder, split into train / val by image."""
+
+    project: Path
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    box: Literal["keypoints", "image"] = "keypoints"
+    margin: float = Field(0.2, ge=0.0)
+
+
+class SyntheticSource(_Strict):
+    """Rendered two-pin images, generated once into ``cache_dir``."""
+
+    cache_dir: Path
+    num_train: int = Field(512, ge=1)
+    num_val: int = Field(64, ge=1)
+    image_size: tuple[int, int] = (128, 128)
+    seed: int = 0
+    max_rotation: float = Field(45.0, ge=0.0)
+    single_channel: bool = False
+
+
+class DataSection(_Strict):
+    source: Literal["coco", "dlc", "synthetic_pins"]
+    coco: CocoSource | None = None
+    dlc: DlcSource | None = None
+    synthetic_pins: SyntheticSource | None = None
+    spec: Literal["coco17"] | dict[str, Any] | None = None  # None: derived from the source
+    mode: Literal["topdown", "whole", "random_crop"] = "topdown"
+    padding: tuple[float, float] = (1.2, 1.3)
+    train_box_extend: float = Field(1.25, gt=0.0)
+    on_error: Literal["raise", "skip"] = "raise"
+
+    @field_validator("spec")
+    @classmethod
+    def _check_spec(cls, spec: Any) -> Any:
+        if isinstance(spec, dict):
+            try:
+                KeypointSpec.from_dict(spec)
+            except SpecError as err:
+                raise ValueError(str(err)) from None
+        return spec
+
+    @model_validator(mode="after")
+    def _check(self) -> DataSection:
+        if getattr(self, self.source) is None:
+            raise ValueError(f"section '{self.source}' is required when source is {self.source!r}")
+        return self
+
+    def keypoint_spec(self) -> KeypointSpec | None:
+        """The recipe's spec, or None when the data source defines it."""
+        if self.spec is None:
+            return None
+        if self.spec == "coco17":
+            return KeypointSpec.coco17()
+        return KeypointSpec.from_dict(self.spec)
+
+
+# --------------------------------------------------------------------------- model / loss
+class ModelSection(_Strict):
+    backbone: Literal["resnet50", "resnet101", "tiny"] = "resnet50"
+    backbone_weights: str | None = None  # null | imagenet | path to a weights file
+    input_size: tuple[int, int] = (256, 192)
+    pyramid_channels: int = Field(256, ge=1)
+    init_from: Path | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSection:
+        if any(s <= 0 or s % 32 for s in self.input_size):
+            raise ValueError(f"input_size {list(self.input_size)}: H and W must divide by 32")
+        return self
+
+
+class LossSection(_Strict):
+    global_weight: float = Field(0.5, ge=0.0)
+    refine_weight: float = Field(1.0, ge=0.0)
+    refine: Literal["ohkm", "pixel"] = "ohkm"
+    top_k: int = Field(8, ge=1)
+    pixel_ratio: float = Field(0.1, gt=0.0, le=1.0)
+    global_sigmas: tuple[float, float, float, float] = DEFAULT_GLOBAL_SIGMAS
+    refine_sigma: float = Field(DEFAULT_REFINE_SIGMA, gt=0.0)
+
+
+class AugmentSection(_Strict):
+    scale: tuple[float, float] = (0.7, 1.35)
+    rotation: float = Field(45.0, ge=0.0)
+    rotation_prob: float = Field(0.6, ge=0.0, le=1.0)
+    flip: bool = True
+    half_body_prob: float = Field(0.0, ge=0.0, le=1.0)
+    brightness: float = Field(0.2, ge=0.0)
+    contrast: float = Field(0.2, ge=0.0)
+    saturation: float = Field(0.2, ge=0.0)
+    hue: float = Field(0.0, ge=0.0, le=0.5)
+    photometric: list[dict[str, Any]] = []
+
+
+# --------------------------------------------------------------------------- training
+class TrainSection(_Strict):
+    epochs: int = Field(140, ge=1)
+    batch_size: int = Field(32, ge=1)  # GLOBAL batch size, split over the replicas
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = Field(5e-4, gt=0.0)
+    lr_scaling: Literal["none", "linear"] = "none"  # linear: lr * batch_size / base_batch_size
+    base_batch_size: int = Field(32, ge=1)
+    lr_schedule: Literal["constant", "cosine", "step"] = "step"
+    warmup_epochs: float = Field(0.0, ge=0.0)
+    step_every: float | None = Field(None, gt=0.0)  # step: multiply by gamma every N epochs
+    milestones: list[float] = []  # step: and/or at these epochs
+    gamma: float = Field(0.5, gt=0.0, le=1.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)  # sgd only
+    weight_decay: float = Field(1e-5, ge=0.0)
+    clipnorm: float | None = Field(None, gt=0.0)
+    precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
+    distribute: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
+    seed: int = 0
+    steps_per_epoch: int | None = Field(None, ge=1)  # cap; default: one pass over the data
+    validation_steps: int | None = Field(None, ge=1)
+    freeze_backbone_epochs: int = Field(0, ge=0)
+    unfreeze_lr_factor: float = Field(1.0, gt=0.0)
+    validation_every: int = Field(1, ge=1)
+    backup_every_steps: int | None = Field(None, ge=1)  # default: back up every epoch
+    verbose: Literal[0, 1, 2] = 1
+
+
+class EvaluationSection(_Strict):
+    decode: Literal["dark", "quarter", "argmax"] = "dark"
+    flip_test: bool = True
+    max_peaks: int | None = Field(None, ge=1)  # shared channels; default: keypoints in channel
+    threshold: float = Field(0.1, ge=0.0)
+    min_distance: int = Field(2, ge=0)
+    pck_thresholds: list[float] = [0.05, 0.1]
+    batch_size: int = Field(32, ge=1)
+
+
+class ExportSection(_Strict):
+    keypoints_model: bool = True
+    saved_model: bool = False
+
+
+class Recipe(_Strict):
+    """A complete training recipe (see ``recipes/quickstart.yaml`` for every key)."""
+
+    data: DataSection
+    model: ModelSection = ModelSection()
+    loss: LossSection = LossSection()
+    augment: AugmentSection = AugmentSection()
+    train: TrainSection = TrainSection()
+    evaluation: EvaluationSection = EvaluationSection()
+    export: ExportSection = ExportSection()
+    _source: str = PrivateAttr(default="<recipe>")
+
+    @property
+    def source(self) -> str:
+        """The file this recipe came from (for error messages)."""
+        return self._source
+
+    def error(self, key: str, message: str) -> RecipeError:
+        """A RecipeError naming this recipe's file and ``key``."""
+        return RecipeError(f"{self._source}: {key}: {message}")
+
+    def check_files(self) -> None:
+        """Raise RecipeError naming the key of every input path that does not exist."""
+        missing = [
+            f"{self._source}: {key}: file not found: {path}"
+            for key, path in _input_paths(self)
+            if not Path(path).exists()
+        ]
+        if missing:
+            raise RecipeError("\n".join(missing))
+
+    def save(self, path: str | Path) -> Path:
+        """Write the resolved recipe (absolute paths, every default filled in) as YAML."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = self.model_dump(mode="json")
+        path.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+        return path
+
+
+# --------------------------------------------------------------------------- loading
+def load_recipe(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    check_files: bool = False,
+) -> Recipe:
+    """Load, expand, override and validate a recipe file.
+
+    Args:
+        path: the YAML recipe.
+        overrides: ``"dotted.key=value"`` strings; values are parsed as YAML.
+        check_files: also require every input file / folder to exist.
+
+    Raises:
+        RecipeError: naming the file and the key path of the problem.
+    """
+    path = Path(path)
+    raw = _read_yaml(path)
+    over_keys = []
+    for item in overrides:
+        key, value = _parse_override(item, path)
+        _set_dotted(raw, key, value, path)
+        over_keys.append(key)
+    raw = _expand_env(raw, path, ())
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_format_errors(err, path, over_keys)) from None
+    recipe._source = str(path)
+    _resolve_paths(recipe, path.resolve().parent, over_keys)
+    if check_files:
+        recipe.check_files()
+    return recipe
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping with a 'data' section")
+    return raw
+
+
+def _parse_override(item: str, path: Path) -> tuple[str, Any]:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise RecipeError(f"{path}: override {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    try:
+        return key, yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: override {item!r}: value is not valid YAML: {err}") from None
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, path: Path) -> None:
+    node = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise RecipeError(f"{path} (--set {key}): {where}: is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand_env(node: Any, path: Path, loc: tuple[str, ...]) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand_env(v, path, (*loc, str(k))) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_env(v, path, (*loc, str(i))) for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def sub(match: re.Match) -> str:
+        name, default = match.group(1), match.group(2)
+        value = os.environ.get(name) or default
+        if value is None:
+            key = ".".join(loc)
+            raise RecipeError(
+                f"{path}: {key}: environment variable {name} is not set "
+                f"(set it, or write ${{{name}:-default}})"
+            )
+        return value
+
+    return _ENV.sub(sub, node)
+
+
+# --------------------------------------------------------------------------- errors
+def _format_errors(err: ValidationError, path: Path, over_keys: Sequence[str]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"] if not _is_union_tag(p)]
+        key = ".".join(loc) or "<top level>"
+        origin = f"{path} (--set)" if any(key.startswith(k) for k in over_keys) else str(path)
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key" + _did_you_mean(loc)
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if "input" in e and not isinstance(e["input"], dict):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"{origin}: {key}: {msg}")
+    return "\n".join(dict.fromkeys(lines))
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic adds union members ("dict[str,any]", "literal['coco17']") to the location.
+    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"})
+
+
+def _did_you_mean(loc: Sequence[str]) -> str:
+    fields = _fields_at(loc[:-1])
+    close = difflib.get_close_matches(loc[-1], fields, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    return f" (known keys: {', '.join(fields)})" if fields else ""
+
+
+def _fields_at(loc: Sequence[str]) -> list[str]:
+    model: Any = Recipe
+    for part in loc:
+        field = model.model_fields.get(part) if _is_model(model) else None
+        if field is None:
+            return []
+        model = _model_in(field.annotation)
+    return list(model.model_fields) if _is_model(model) else []
+
+
+def _is_model(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseModel)
+
+
+def _model_in(annotation: Any) -> Any:
+    if _is_model(annotation):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if _is_model(arg):
+                return arg
+    return None
+
+
+# --------------------------------------------------------------------------- paths
+def _resolve_paths(recipe: Recipe, base: Path, over_keys: Sequence[str]) -> None:
+    cwd = Path.cwd()
+    for key, section, name in _path_fields(recipe):
+        value = getattr(section, name)
+        if value is None or (name == "backbone_weights" and value == "imagenet"):
+            continue
+        p = Path(value).expanduser()
+        if not p.is_absolute():
+            p = (cwd if key in over_keys else base) / p
+        setattr(section, name, str(p) if name == "backbone_weights" else p)
+
+
+def _path_fields(recipe: Recipe) -> list[tuple[str, BaseModel, str]]:
+    out = []
+    for sec_name in ("coco", "dlc", "synthetic_pins"):
+        sec = getattr(recipe.data, sec_name)
+        if sec is None:
+            continue
+        for name, field in type(sec).model_fields.items():
+            if Path in (field.annotation, *typing.get_args(field.annotation)):
+                out.append((f"data.{sec_name}.{name}", sec, name))
+    out.append(("model.init_from", recipe.model, "init_from"))
+    out.append(("model.backbone_weights", recipe.model, "backbone_weights"))
+    return out
+
+
+def _input_paths(recipe: Recipe) -> list[tuple[str, str]]:
+    out = []
+    for key, section, name in _path_fields(recipe):
+        value = getattr(section, name)
+        if value is None or key == "data.synthetic_pins.cache_dir" or value == "imagenet":
+            continue
+        out.append((key, str(value)))
+    return out

@@ -1,0 +1,793 @@
+"""Training: ``fit(recipe, output_dir)`` runs a recipe end to end and can be re-run to resume.
+
+Example:
+    >>> from kpnet.recipe import load_recipe
+    >>> recipe = load_recipe("recipes/quickstart.yaml")        # doctest: +SKIP
+    >>> result = fit(recipe, "runs/quickstart")                 # doctest: +SKIP
+    >>> result["metrics"]["overall"]["mean"]                    # doctest: +SKIP
+    0.8
+
+Output folder: ``recipe.resolved.yaml``, ``spec.json``, ``backup/`` (weights + optimizer
+state, for resuming), ``last.keras``, ``best.keras`` (lowest validation pixel error, else
+validation loss), ``keypoints.keras`` (decoding inside the graph), ``history.csv``,
+``logs/`` (TensorBoard), ``curves.png`` and ``metrics.json``.
+
+Distribution: ``train.batch_size`` is the GLOBAL batch; each of R replicas gets
+``batch_size / R`` and gradients are averaged over the global batch (Keras 3 scales each
+replica's loss by ``1 / R``; tf-cpn summed them). When you grow the global batch, scale the
+learning rate with the linear rule ``lr * batch_size / base_batch_size`` yourself or set
+``train.lr_scaling: linear``.
+
+Precision: ``mixed_float16`` trains with a dynamic ``LossScaleOptimizer``;
+``mixed_bfloat16`` needs no loss scaling. The model's heads and the losses stay float32.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from keras import ops
+
+from kpnet.callbacks import Backup, GuardedCheckpoint, KeypointMetrics, NaNGuard, read_backup
+from kpnet.codec import OUTPUT_NAMES
+from kpnet.data.records import InstanceRecord
+from kpnet.recipe import Recipe
+from kpnet.spec import KeypointSpec
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, inconsistent backup); the message says why."""
+
+
+def _log(message: str) -> None:
+    print(f"kpnet: {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- schedule
+@keras.saving.register_keras_serializable(package="kpnet")
+class EpochSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Learning rate as a function of the (fractional) epoch: constant, cosine or step.
+
+    Example:
+        >>> s = EpochSchedule(1e-3, steps_per_epoch=10, kind="step", step_every=2, gamma=0.5)
+        >>> [round(float(s(i)), 6) for i in (0, 19, 20, 40)]
+        [0.001, 0.001, 0.0005, 0.00025]
+
+    Args:
+        lr: peak learning rate.
+        steps_per_epoch: optimizer steps in one epoch.
+        kind: "constant", "cosine" (to 0 at ``epochs``) or "step" (x ``gamma`` every
+            ``step_every`` epochs and at each of ``milestones``).
+        epochs: total epochs (cosine).
+        warmup_epochs: linear warm-up from 0.
+        start_step: steps already taken before this optimizer existed (second fit phase).
+    """
+
+    def __init__(
+        self,
+        lr: float,
+        steps_per_epoch: int,
+        kind: str = "constant",
+        epochs: int = 1,
+        warmup_epochs: float = 0.0,
+        step_every: float | None = None,
+        milestones: Sequence[float] = (),
+        gamma: float = 0.5,
+        start_step: int = 0,
+    ) -> None:
+        self.lr = float(lr)
+        self.steps_per_epoch = int(steps_per_epoch)
+        self.kind = kind
+        self.epochs = int(epochs)
+        self.warmup_epochs = float(warmup_epochs)
+        self.step_every = None if step_every is None else float(step_every)
+        self.milestones = [float(m) for m in milestones]
+        self.gamma = float(gamma)
+        self.start_step = int(start_step)
+
+    def __call__(self, step):
+        step = ops.cast(step, "float32") + float(self.start_step)
+        epoch = step / float(self.steps_per_epoch)
+        factor = ops.ones_like(epoch)
+        if self.kind == "cosine":
+            span = max(self.epochs - self.warmup_epochs, 1e-6)
+            progress = ops.clip((epoch - self.warmup_epochs) / span, 0.0, 1.0)
+            factor = 0.5 * (1.0 + ops.cos(math.pi * progress))
+        elif self.kind == "step":
+            n = ops.zeros_like(epoch)
+            if self.step_every:
+                n = ops.floor(epoch / self.step_every)
+            for m in self.milestones:
+                n = n + ops.cast(epoch >= m, "float32")
+            factor = ops.power(self.gamma, n)
+        if self.warmup_epochs > 0:
+            warm = (epoch + 1.0 / self.steps_per_epoch) / self.warmup_epochs
+            factor = factor * ops.minimum(1.0, warm)
+        return self.lr * factor
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "lr": self.lr,
+            "steps_per_epoch": self.steps_per_epoch,
+            "kind": self.kind,
+            "epochs": self.epochs,
+            "warmup_epochs": self.warmup_epochs,
+            "step_every": self.step_every,
+            "milestones": self.milestones,
+            "gamma": self.gamma,
+            "start_step": self.start_step,
+        }
+
+
+# --------------------------------------------------------------------------- strategy
+def make_strategy(kind: str = "auto") -> tf.distribute.Strategy:
+    """The tf.distribute strategy for ``train.distribute``.
+
+    ``auto``: MultiWorkerMirroredStrategy when TF_CONFIG is set, MirroredStrategy with more
+    than one GPU, else the default strategy. ``mirrored`` without GPUs mirrors over the
+    logical CPU devices (tests use two).
+    """
+    gpus = tf.config.list_logical_devices("GPU")
+    if kind == "auto":
+        if os.environ.get("TF_CONFIG"):
+            kind = "multi_worker"
+        elif len(gpus) > 1:
+            kind = "mirrored"
+        else:
+            return tf.distribute.get_strategy()
+    if kind == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if kind == "mirrored":
+        devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+        return tf.distribute.MirroredStrategy(devices)
+    return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+
+
+def _is_chief(strategy: tf.distribute.Strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+# --------------------------------------------------------------------------- data
+def pipeline_config(recipe: Recipe):
+    """The :class:`kpnet.data.pipeline.PipelineConfig` of a recipe."""
+    from kpnet.data.augment import AugmentConfig
+    from kpnet.data.pipeline import PipelineConfig
+
+    a = recipe.augment
+    try:
+        augment = AugmentConfig(
+            scale=a.scale,
+            rotation=a.rotation,
+            rotation_prob=a.rotation_prob,
+            flip=a.flip,
+            half_body_prob=a.half_body_prob,
+            brightness=a.brightness,
+            contrast=a.contrast,
+            saturation=a.saturation,
+            hue=a.hue,
+            photometric=tuple(a.photometric),
+        )
+    except (ValueError, TypeError, AttributeError) as err:
+        raise recipe.error("augment", str(err)) from None
+    return PipelineConfig(
+        input_size=tuple(recipe.model.input_size),
+        stride=4,
+        mode=recipe.data.mode,
+        padding=tuple(recipe.data.padding),
+        train_box_extend=recipe.data.train_box_extend,
+        augment=augment,
+    )
+
+
+def load_data(
+    recipe: Recipe, detections: bool = False
+) -> tuple[KeypointSpec, list[InstanceRecord], list[InstanceRecord]]:
+    """(spec, train records, validation records) of a recipe's data section.
+
+    ``detections``: use ``data.coco.val_boxes`` (detector boxes) for the validation records.
+    """
+    data = recipe.data
+    spec = data.keypoint_spec()
+    if data.source == "coco":
+        return _load_coco(data.coco, spec, data.on_error, detections)
+    if data.source == "dlc":
+        from kpnet.data.dlc import load_dlc_records
+
+        d = data.dlc
+        dlc_spec, records = load_dlc_records(d.project, d.box, d.margin, data.on_error)
+        _check_spec(recipe, spec, dlc_spec)
+        return (spec or dlc_spec, *split_by_image(records, d.val_fraction, d.split_seed))
+    return _load_synthetic(data.synthetic_pins, spec, data.on_error)
+
+
+def _load_coco(c, spec, on_error: str, detections: bool):
+    from kpnet.data.coco import load_coco_records
+
+    spec, train = load_coco_records(
+        c.train_annotations, c.train_images, spec=spec, on_error=on_error
+    )
+    if c.val_annotations is None:
+        return (spec, *split_by_image(train, c.val_fraction, c.split_seed))
+    boxes = c.val_boxes if detections else None
+    _, val = load_coco_records(
+        c.val_annotations,
+        c.val_images or c.train_images,
+        spec=spec,
+        boxes_file=boxes,
+        score_threshold=c.score_threshold,
+        on_error=on_error,
+    )
+    return spec, list(train), list(val)
+
+
+def _load_synthetic(s, spec, on_error: str):
+    from kpnet.data.coco import load_coco_records
+    from kpnet.data.synthetic import ensure_synthetic_pins, pin_spec
+
+    spec = spec or pin_spec(s.single_channel)
+    paths = ensure_synthetic_pins(
+        s.cache_dir,
+        num_train=s.num_train,
+        num_val=s.num_val,
+        image_size=tuple(s.image_size),
+        seed=s.seed,
+        max_rotation=s.max_rotation,
+    )
+    _, train = load_coco_records(*paths["train"], spec=spec, on_error=on_error)
+    _, val = load_coco_records(*paths["val"], spec=spec, on_error=on_error)
+    return spec, list(train), list(val)
+
+
+def _check_spec(recipe: Recipe, spec: KeypointSpec | None, source: KeypointSpec) -> None:
+    if spec is not None and spec.num_keypoints != source.num_keypoints:
+        raise recipe.error(
+            "data.spec",
+            f"{spec.num_keypoints} keypoints, but the data source has "
+            f"{source.num_keypoints} ({', '.join(source.names)}); fix the spec or drop it",
+        )
+
+
+def split_by_image(
+    records: Sequence[InstanceRecord], fraction: float, seed: int
+) -> tuple[list[InstanceRecord], list[InstanceRecord]]:
+    """Split records into (train, val) by image, ``fraction`` of the images to val.
+
+    Example:
+        >>> recs = [InstanceRecord(f"{i}.png", (0, 0, 9, 9), np.zeros((1, 3)), image_id=i)
+        ...         for i in range(10)]
+        >>> [len(part) for part in split_by_image(recs, 0.2, seed=0)]
+        [8, 2]
+    """
+    images = sorted({r.image_path for r in records})
+    if fraction <= 0 or len(images) < 2:
+        return list(records), []
+    rng = np.random.default_rng(seed)
+    n_val = min(max(1, round(fraction * len(images))), len(images) - 1)
+    val_images = set(rng.permutation(images)[:n_val].tolist())
+    train = [r for r in records if r.image_path not in val_images]
+    val = [r for r in records if r.image_path in val_images]
+    return train, val
+
+
+def load_training(recipe: Recipe):
+    """(spec, training records, pipeline config) of a recipe."""
+    spec, train, _ = load_data(recipe)
+    return spec, train, pipeline_config(recipe)
+
+
+def load_validation(recipe: Recipe, detections: bool = False):
+    """(spec, validation records, pipeline config); used by ``kpnet evaluate MODEL RECIPE``."""
+    spec, _, val = load_data(recipe, detections)
+    return spec, val, pipeline_config(recipe)
+
+
+def _to_targets(images, keypoints):
+    return images, {name: keypoints for name in OUTPUT_NAMES}
+
+
+def _datasets(recipe, spec, train, val, config, multi_worker: bool):
+    from kpnet.data.pipeline import build_dataset
+
+    t = recipe.train
+    on_error = recipe.data.on_error
+    train_ds = build_dataset(
+        train, spec, config, t.batch_size, training=True, seed=t.seed, repeat=True,
+        on_error=on_error,
+    ).map(_to_targets)  # fmt: skip
+    val_ds = None
+    if val:
+        val_ds = build_dataset(
+            val, spec, config, t.batch_size, training=False, on_error=on_error
+        ).map(_to_targets)
+    if multi_worker:
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = (
+            tf.data.experimental.AutoShardPolicy.DATA
+        )
+        train_ds = train_ds.with_options(options)
+        val_ds = val_ds.with_options(options) if val_ds is not None else None
+    return train_ds, val_ds
+
+
+# --------------------------------------------------------------------------- model
+@dataclass(frozen=True)
+class Phase:
+    """One ``model.fit`` call: epochs [start, end) with the backbone frozen or not."""
+
+    index: int
+    start: int
+    end: int
+    frozen: bool
+    lr_factor: float = 1.0
+
+
+def training_phases(recipe: Recipe) -> list[Phase]:
+    """Frozen-backbone phase (if any) then the unfrozen phase."""
+    t = recipe.train
+    frozen = min(t.freeze_backbone_epochs, t.epochs)
+    phases = [Phase(0, 0, frozen, True)] if frozen else []
+    if t.epochs > frozen:
+        factor = t.unfreeze_lr_factor if frozen else 1.0
+        phases.append(Phase(len(phases), frozen, t.epochs, False, factor))
+    return phases
+
+
+def build_model(recipe: Recipe, spec: KeypointSpec, init: bool = True) -> keras.Model:
+    """The CPN heatmap model of a recipe, re-targeted from ``model.init_from`` if set."""
+    from kpnet.models.cpn import build_cpn
+
+    m = recipe.model
+    model = build_cpn(
+        spec.num_channels,
+        input_shape=(*m.input_size, 3),
+        backbone=m.backbone,
+        backbone_weights=m.backbone_weights,
+        pyramid_channels=m.pyramid_channels,
+        name="cpn",
+    )
+    if init and m.init_from is not None:
+        _init_from(recipe, model)
+    return model
+
+
+def _init_from(recipe: Recipe, model: keras.Model) -> None:
+    from kpnet.models.retarget import transfer_weights
+
+    path = recipe.model.init_from
+    try:
+        source = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except (OSError, ValueError, TypeError) as err:
+        raise recipe.error("model.init_from", f"cannot load {path}: {err}") from None
+    report = transfer_weights(source, model)
+    _log(f"init_from {path}:\n{report.summary()}")
+    if not report.loaded:
+        raise recipe.error(
+            "model.init_from",
+            f"no layer of {path} matches this model; give a CPN heatmap model "
+            "(best.keras / last.keras of an earlier run)",
+        )
+
+
+def backbone_layer_names(recipe: Recipe) -> set[str]:
+    """Names of the backbone's layers in a model built from ``recipe``."""
+    from kpnet.models.backbones import build_backbone
+
+    images = keras.Input((*recipe.model.input_size, 3), name="images")
+    feats = build_backbone(recipe.model.backbone, images, None)
+    return {layer.name for layer in keras.Model(images, feats).layers if layer.weights}
+
+
+def _optimizer(recipe: Recipe, schedule: EpochSchedule) -> keras.optimizers.Optimizer:
+    t = recipe.train
+    kwargs: dict[str, Any] = {"learning_rate": schedule, "clipnorm": t.clipnorm}
+    if t.weight_decay:
+        kwargs["weight_decay"] = t.weight_decay
+    if t.optimizer == "sgd":
+        opt = keras.optimizers.SGD(momentum=t.momentum, **kwargs)
+    elif t.optimizer == "adamw":
+        opt = keras.optimizers.AdamW(**kwargs)
+    else:
+        opt = keras.optimizers.Adam(**kwargs)
+    if t.weight_decay:
+        opt.exclude_from_weight_decay(var_names=["bias", "gamma", "beta"])
+    if t.precision == "mixed_float16":
+        opt = keras.optimizers.LossScaleOptimizer(opt)
+    return opt
+
+
+def _base_lr(recipe: Recipe) -> float:
+    t = recipe.train
+    scale = t.batch_size / t.base_batch_size if t.lr_scaling == "linear" else 1.0
+    return t.lr * scale
+
+
+def configure_phase(
+    model: keras.Model,
+    recipe: Recipe,
+    spec: KeypointSpec,
+    phase: Phase,
+    steps_per_epoch: int,
+    backbone_names: set[str],
+) -> None:
+    """Freeze / unfreeze the backbone and compile with this phase's optimizer and losses."""
+    from kpnet.losses import build_losses
+
+    for layer in model.layers:
+        if layer.name in backbone_names:
+            layer.trainable = not phase.frozen
+    t, lo = recipe.train, recipe.loss
+    schedule = EpochSchedule(
+        _base_lr(recipe) * phase.lr_factor,
+        steps_per_epoch,
+        kind=t.lr_schedule,
+        epochs=t.epochs,
+        warmup_epochs=t.warmup_epochs,
+        step_every=t.step_every,
+        milestones=t.milestones,
+        gamma=t.gamma,
+        start_step=phase.start * steps_per_epoch,
+    )
+    losses, weights = build_losses(
+        spec,
+        refine_loss=lo.refine,
+        top_k=lo.top_k,
+        global_sigmas=lo.global_sigmas,
+        refine_sigma=lo.refine_sigma,
+        global_weight=lo.global_weight,
+        refine_weight=lo.refine_weight,
+        pixel_ratio=lo.pixel_ratio,
+    )
+    model.compile(optimizer=_optimizer(recipe, schedule), loss=losses, loss_weights=weights)
+
+
+# --------------------------------------------------------------------------- evaluation
+def _keypoints_model(heatmap_model: keras.Model, recipe: Recipe, spec: KeypointSpec):
+    from kpnet.inference import build_keypoints_model
+
+    e = recipe.evaluation
+    return build_keypoints_model(
+        heatmap_model,
+        spec,
+        method=e.decode,
+        flip_test=e.flip_test,
+        max_peaks=e.max_peaks,
+        threshold=e.threshold,
+        min_distance=e.min_distance,
+    )
+
+
+def _evaluator(recipe: Recipe, spec: KeypointSpec, records, config):
+    """``evaluate(heatmap_model) -> metrics`` on the validation records, or None."""
+    if not records:
+        return None
+    try:
+        from kpnet.evaluate import evaluate_model
+        from kpnet.inference import build_keypoints_model  # noqa: F401
+    except ImportError:
+        _log("kpnet.inference is not available: monitoring the validation loss")
+        return None
+    e = recipe.evaluation
+
+    def evaluate(heatmap_model: keras.Model) -> dict[str, Any]:
+        return evaluate_model(
+            _keypoints_model(heatmap_model, recipe, spec),
+            records,
+            spec,
+            config,
+            batch_size=e.batch_size,
+            pck_thresholds=tuple(e.pck_thresholds),
+        )
+
+    return evaluate
+
+
+# --------------------------------------------------------------------------- fit
+@dataclass
+class _Run:
+    """Everything one ``fit`` call shares between its phases."""
+
+    recipe: Recipe
+    out: Path
+    spec: KeypointSpec
+    steps_per_epoch: int
+    validation: Any
+    evaluate: Any
+    monitor: str
+    guard: NaNGuard
+
+
+def fit(recipe: Recipe, output_dir: str | Path) -> dict[str, Any]:
+    """Train ``recipe`` into ``output_dir``; rerunning the same call resumes from the backup.
+
+    Returns:
+        ``{"output_dir", "initial_epoch", "epochs", "seconds", "best_model", "metrics"}``.
+
+    Raises:
+        RecipeError: bad recipe or missing files. DataError / SpecError: bad data.
+        TrainingError: the loss became NaN / inf (the last good checkpoints are kept).
+    """
+    recipe.check_files()
+    previous_policy = keras.mixed_precision.global_policy()
+    strategy = make_strategy(recipe.train.distribute)  # first: multi-worker needs it early
+    keras.utils.set_random_seed(recipe.train.seed)
+    keras.mixed_precision.set_global_policy(recipe.train.precision)
+    try:
+        return _fit(recipe, Path(output_dir), strategy)
+    finally:
+        keras.mixed_precision.set_global_policy(previous_policy)
+
+
+def _fit(recipe: Recipe, out: Path, strategy: tf.distribute.Strategy) -> dict[str, Any]:
+    chief = _is_chief(strategy)
+    if not chief:
+        out = out / ".workers" / f"worker-{strategy.cluster_resolver.task_id}"
+    out.mkdir(parents=True, exist_ok=True)
+    recipe.save(out / "recipe.resolved.yaml")
+    spec, train, val = load_data(recipe)
+    if not train:
+        raise recipe.error("data", "no training records (check the data paths and split)")
+    (out / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
+    config = pipeline_config(recipe)
+    t = recipe.train
+    replicas = strategy.num_replicas_in_sync
+    if t.batch_size % replicas:
+        raise recipe.error(
+            "train.batch_size", f"{t.batch_size} does not divide over {replicas} replicas"
+        )
+    steps = max(1, len(train) // t.batch_size)
+    steps = min(steps, t.steps_per_epoch or steps)
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    train_ds, val_ds = _datasets(recipe, spec, train, val, config, multi_worker)
+    evaluate = None if multi_worker else _evaluator(recipe, spec, val, config)
+    monitor = "val_px_mean" if evaluate else ("val_loss" if val else "loss")
+    run = _Run(recipe, out, spec, steps, val_ds, evaluate, monitor, NaNGuard())
+    _log(
+        f"{len(train)} training / {len(val)} validation instances, {spec.num_keypoints} "
+        f"keypoints in {spec.num_channels} channels; {replicas} replica(s), global batch "
+        f"{t.batch_size}, {steps} steps per epoch, precision {t.precision}"
+    )
+    start = time.time()
+    backup = read_backup(out / "backup")
+    initial = backup["epoch"] if backup else 0
+    if initial >= t.epochs:
+        _log(f"{out} already holds {initial} trained epochs (train.epochs={t.epochs})")
+    else:
+        _prepare_history(out, initial)
+        with strategy.scope():
+            model = build_model(recipe, spec, init=backup is None)
+            _train_phases(run, model, train_ds, backup, initial)
+    seconds = time.time() - start
+    result = {"output_dir": str(out), "initial_epoch": initial, "epochs": t.epochs}
+    result["seconds"] = round(seconds, 1)
+    if chief:
+        result.update(_finalize(run, val))
+    return result
+
+
+def _train_phases(run: _Run, model, train_ds, backup, initial: int) -> None:
+    recipe = run.recipe
+    phases = training_phases(recipe)
+    names = backbone_layer_names(recipe) if any(p.frozen for p in phases) else set()
+    current = None
+    if backup:
+        current = _restore(model, run, phases, backup, names)
+    for phase in phases:
+        if phase.end <= initial:
+            continue
+        if current != phase:
+            configure_phase(model, recipe, run.spec, phase, run.steps_per_epoch, names)
+            current = phase
+        model.fit(
+            train_ds,
+            epochs=phase.end,
+            initial_epoch=max(initial, phase.start),
+            steps_per_epoch=run.steps_per_epoch,
+            validation_data=run.validation,
+            validation_steps=recipe.train.validation_steps,
+            validation_freq=recipe.train.validation_every,
+            callbacks=_callbacks(run, phase),
+            verbose=recipe.train.verbose,
+            shuffle=False,  # the pipeline shuffles
+        )
+        if run.guard.triggered:
+            raise _nan_error(run)
+
+
+def _restore(model, run: _Run, phases: list[Phase], backup: dict, names: set[str]) -> Phase:
+    by_index = {p.index: p for p in phases}
+    phase = by_index.get(backup["phase"])
+    if phase is None or backup["epoch"] > phase.end and phase != phases[-1]:
+        raise TrainingError(
+            f"{run.out / 'backup'} was written by a run with other train.epochs / "
+            "freeze_backbone_epochs; use a new output folder or delete that backup"
+        )
+    configure_phase(model, run.recipe, run.spec, phase, run.steps_per_epoch, names)
+    model.optimizer.build(model.trainable_variables)
+    model.load_weights(backup["weights"])
+    _log(f"resuming from {run.out / 'backup'} after epoch {backup['epoch']}")
+    return phase
+
+
+def _callbacks(run: _Run, phase: Phase) -> list[keras.callbacks.Callback]:
+    t, out = run.recipe.train, run.out
+    cbs: list[keras.callbacks.Callback] = [run.guard]
+    if run.evaluate is not None:
+        cbs.append(KeypointMetrics(run.evaluate, t.validation_every, t.epochs - 1, run.guard))
+    best = _best_so_far(out / "history.csv", run.monitor)
+    cbs += [
+        GuardedCheckpoint(
+            str(out / "best.keras"), run.guard, best, monitor=run.monitor, mode="min",
+            save_best_only=True,
+        ),
+        GuardedCheckpoint(str(out / "last.keras"), run.guard),
+        keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+        Backup(out / "backup", phase.index, run.guard, t.backup_every_steps),
+    ]  # fmt: skip
+    if _has_tensorboard():
+        cbs.insert(-1, keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False))
+    return cbs
+
+
+def _has_tensorboard() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def _nan_error(run: _Run) -> TrainingError:
+    epoch, batch = run.guard.where or (0, 0)
+    backup = read_backup(run.out / "backup")
+    kept = (
+        f"the last good checkpoints are kept: {run.out / 'last.keras'} and the backup after "
+        f"epoch {backup['epoch']}"
+        if backup
+        else "no epoch finished before, so there is no checkpoint"
+    )
+    return TrainingError(
+        f"the loss became NaN/inf at epoch {epoch + 1}, batch {batch + 1}; training stopped "
+        f"and {kept}. Lower train.lr, set train.clipnorm, or use precision float32, then "
+        "re-run the same command to resume"
+    )
+
+
+# --------------------------------------------------------------------------- history
+def _read_history(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _prepare_history(out: Path, initial: int) -> None:
+    """Fresh run: drop an old history; resume: drop rows of epochs not in the backup."""
+    path = out / "history.csv"
+    rows = _read_history(path)
+    keep = [r for r in rows if initial and int(r["epoch"]) < initial]
+    if not keep:
+        path.unlink(missing_ok=True)
+        return
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(keep)
+
+
+def _best_so_far(path: Path, monitor: str) -> float | None:
+    values = []
+    for row in _read_history(path):
+        try:
+            values.append(float(row.get(monitor) or "nan"))
+        except ValueError:
+            continue
+    values = [v for v in values if math.isfinite(v)]
+    return min(values) if values else None
+
+
+def _plot_curves(out: Path) -> Path | None:
+    rows = _read_history(out / "history.csv")
+    if not rows:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, keys in zip(
+        axes, (("loss", "val_loss"), ("val_px_mean", "val_px_median")), strict=True
+    ):
+        for key in keys:
+            pts = [(e, float(r[key])) for e, r in zip(epochs, rows, strict=True) if _num(r, key)]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=key)
+        ax.set_xlabel("epoch")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    axes[0].set_title("loss")
+    axes[1].set_title("validation pixel error (image px)")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+    return out / "curves.png"
+
+
+def _num(row: dict[str, str], key: str) -> bool:
+    try:
+        return math.isfinite(float(row.get(key) or "nan"))
+    except ValueError:
+        return False
+
+
+# --------------------------------------------------------------------------- finalize
+def _finalize(run: _Run, val: list[InstanceRecord]) -> dict[str, Any]:
+    out = run.out
+    _plot_curves(out)
+    best = out / "best.keras" if (out / "best.keras").exists() else out / "last.keras"
+    result: dict[str, Any] = {"best_model": str(best) if best.exists() else None}
+    if not best.exists():
+        return result
+    model = keras.saving.load_model(best, safe_mode=True)
+    metrics = _final_metrics(run, model, val)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    result["metrics"] = metrics
+    if run.recipe.export.keypoints_model and run.evaluate is not None:
+        kp_model = _keypoints_model(model, run.recipe, run.spec)
+        kp_model.save(out / "keypoints.keras")
+        result["keypoints_model"] = str(out / "keypoints.keras")
+        if run.recipe.export.saved_model:
+            from kpnet.export import export_saved_model
+
+            export_saved_model(kp_model, out / "saved_model", run.spec)
+    return result
+
+
+def _final_metrics(run: _Run, model: keras.Model, val: list[InstanceRecord]) -> dict:
+    history = _read_history(run.out / "history.csv")
+    metrics: dict[str, Any] = {"model": str(run.out / "best.keras"), "monitor": run.monitor}
+    scores = [(float(r[run.monitor]), int(r["epoch"]) + 1) for r in history if _num(r, run.monitor)]
+    if scores:
+        metrics["best_epoch"] = min(scores)[1]
+    if history:
+        last = history[-1]
+        metrics["last_epoch"] = {k: float(v) for k, v in last.items() if _num(last, k)}
+    if run.evaluate is not None:
+        full = run.evaluate(model)
+        full.pop("predictions", None)
+        metrics.update(full)
+    return metrics
+
+
+__all__ = [
+    "EpochSchedule",
+    "Phase",
+    "TrainingError",
+    "backbone_layer_names",
+    "build_model",
+    "configure_phase",
+    "fit",
+    "load_data",
+    "load_training",
+    "load_validation",
+    "make_strategy",
+    "pipeline_config",
+    "split_by_image",
+    "training_phases",
+]

@@ -1,0 +1,246 @@
+"""Tests of the tf.data pipeline: exact geometry, augmentation, determinism, errors, preview."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import kpnet  # noqa: F401  (quiet TF logs)
+from kpnet import codec
+from kpnet.data.augment import AugmentConfig, affine_matrices
+from kpnet.data.pipeline import PipelineConfig, build_dataset
+from kpnet.data.preview import write_preview
+from kpnet.data.records import DataError, InstanceRecord
+from kpnet.spec import KeypointSpec
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# Three keypoints painted pure red, green and blue on black; 0 <-> 1 swap under a flip.
+SPEC = KeypointSpec(names=("left", "right", "tip"), flip_pairs=((0, 1),), skeleton=((0, 2),))
+NO_COLOR = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+GEOM = PipelineConfig(
+    input_size=(64, 64),
+    augment=AugmentConfig(rotation_prob=1.0, **NO_COLOR),
+    shuffle_buffer=8,
+)
+
+
+def _marker_images(tmp_path: Path, n: int, size=(90, 120), bg=0) -> list[InstanceRecord]:
+    """PNG images with a 3x3 marker (R, G, B) at each keypoint; one instance per image."""
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n):
+        img = np.full((*size, 3), bg, np.uint8)
+        kp = np.zeros((3, 3), np.float32)
+        x0, y0 = rng.integers(25, 45), rng.integers(20, 35)
+        for k in range(3):
+            x, y = x0 + rng.integers(0, 45), y0 + rng.integers(0, 35)
+            img[y - 1 : y + 2, x - 1 : x + 2, k] = 255
+            kp[k] = (x, y, 2)
+        path = tmp_path / f"m{i}.png"
+        cv2.imwrite(str(path), img[..., ::-1])
+        box = (x0 - 5.0, y0 - 5.0, 55.0, 45.0)
+        records.append(InstanceRecord(str(path), box, kp, image_id=i, record_id=i))
+    return records
+
+
+def _collect(ds) -> list[np.ndarray]:
+    parts = list(zip(*[(im, kp, m["affine"], m["index"]) for im, kp, m in ds], strict=True))
+    return [np.concatenate([np.asarray(t) for t in p]) for p in parts]
+
+
+def _centroid(channel: np.ndarray) -> np.ndarray:
+    w = channel.astype(np.float64)
+    ys, xs = np.mgrid[: w.shape[0], : w.shape[1]]
+    return np.array([(xs * w).sum(), (ys * w).sum()]) / w.sum()
+
+
+def test_affine_matrices_match_codec():
+    rng = np.random.default_rng(1)
+    c, s = rng.uniform(0, 300, (8, 2)), rng.uniform(20, 200, (8, 2))
+    rot, flip = rng.uniform(-45, 45, 8), rng.random(8) < 0.5
+    m = affine_matrices(tf.constant(c, tf.float32), tf.constant(s, tf.float32),
+                        tf.constant(rot, tf.float32), tf.constant(flip), (256, 192))  # fmt: skip
+    for i in range(8):
+        ref = codec.crop_affine(c[i], s[i], (256, 192), rot[i], bool(flip[i]))
+        np.testing.assert_allclose(m[i], ref, atol=2e-3)
+
+
+def test_markers_follow_full_augmentation(tmp_path):
+    records = _marker_images(tmp_path, 24)
+    ds = build_dataset(records, SPEC, GEOM, 8, training=True, seed=3, with_meta=True)
+    images, kps, affines, index = _collect(ds)
+    assert images.dtype == np.uint8 and images.shape == (24, 64, 64, 3)
+    flipped = np.linalg.det(affines[:, :, :2]) < 0
+    angles = np.degrees(np.arctan2(affines[:, 1, 0], affines[:, 1, 1]))
+    assert flipped.any() and not flipped.all() and np.abs(angles).max() > 10
+    checked = 0
+    for im, kp, m, i, f in zip(images, kps, affines, index, flipped, strict=True):
+        xy = codec.heatmap_to_input(kp[:, :2], 4.0)
+        expected = codec.transform_points(records[i].keypoints[:, :2], m)
+        source = [1, 0, 2] if f else [0, 1, 2]  # flip: returned "left" is the right marker
+        for j in range(3):
+            target = expected[source[j]]
+            inside = (target >= -0.5).all() and (target < 63.5).all()
+            assert (kp[j, 2] > 0) == inside  # points leaving the crop become unlabelled
+            if not inside:
+                assert (kp[j] == 0).all()
+                continue
+            np.testing.assert_allclose(xy[j], target, atol=1e-3)  # meta affine is the truth
+            if (target > 3).all() and (target < 60).all():
+                assert np.linalg.norm(_centroid(im[..., source[j]]) - xy[j]) < 1.0
+                checked += 1
+    assert checked >= 40
+
+
+def test_deterministic_under_seed(tmp_path):
+    records = _marker_images(tmp_path, 10)
+    cfg = PipelineConfig(input_size=(64, 64), shuffle_buffer=4)
+    runs = [_collect(build_dataset(records, SPEC, cfg, 4, True, seed=s, with_meta=True))
+            for s in (5, 5, 6)]  # fmt: skip
+    for a, b in zip(runs[0], runs[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(runs[0][2], runs[2][2])
+    # A repeated dataset draws fresh augmentation per epoch.
+    rep = build_dataset(records, SPEC, cfg, 4, True, seed=5, repeat=True, with_meta=True)
+    epochs = [np.asarray(m["affine"]) for _, _, m in rep.take(4)]
+    assert not np.allclose(np.concatenate(epochs[:2]), np.concatenate(epochs[2:]))
+
+
+def test_warp_matches_opencv_with_roi_jpeg_decode(tmp_path):
+    rng = np.random.default_rng(2)
+    img = cv2.GaussianBlur(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8), (5, 5), 0)
+    path = tmp_path / "big.jpg"
+    cv2.imwrite(str(path), img[..., ::-1])
+    kp = np.zeros((3, 3), np.float32)
+    boxes = [(40.0, 30.0, 60.0, 80.0), (350.0, 250.0, 80.0, 90.0), (150.0, 100.0, 30.0, 40.0)]
+    records = [InstanceRecord(str(path), b, kp, record_id=i) for i, b in enumerate(boxes)]
+    cfg = PipelineConfig(input_size=(64, 64))
+    images, _, affines, index = _collect(build_dataset(records, SPEC, cfg, 2, False,
+                                                       with_meta=True))  # fmt: skip
+    np.testing.assert_array_equal(index, [0, 1, 2])  # evaluation keeps the record order
+    decoded = tf.io.decode_jpeg(tf.io.read_file(str(path))).numpy().astype(np.float32)
+    for im, m in zip(images, affines, strict=True):
+        ref = cv2.warpAffine(decoded, m, (64, 64), flags=cv2.INTER_LINEAR)
+        assert np.abs(im.astype(np.float32) - ref).max() <= 1.0
+
+
+def test_eval_box_crop_and_unlabelled_outside(tmp_path):
+    records = _marker_images(tmp_path, 1)
+    r = records[0]
+    r.keypoints[2] = (2.0, 2.0, 2.0)  # far outside the box crop
+    r.keypoints[1, 2] = 0  # unlabelled stays unlabelled
+    cfg = PipelineConfig(input_size=(64, 64))
+    _, kp, m, _ = _collect(build_dataset(records, SPEC, cfg, 1, False, with_meta=True))
+    center, size = codec.box_to_center_scale(r.box, 1.0, cfg.padding)
+    np.testing.assert_allclose(m[0], codec.crop_affine(center, size, (64, 64)), atol=1e-4)
+    assert kp[0, 0, 2] == 2 and (kp[0, 1:] == 0).all()
+
+
+@pytest.mark.parametrize("mode", ["whole", "random_crop"])
+def test_single_object_modes(tmp_path, mode):
+    records = _marker_images(tmp_path, 6)
+    aug = AugmentConfig(rotation=0.0, flip=False, **NO_COLOR)
+    cfg = PipelineConfig(input_size=(64, 96), mode=mode, augment=aug, shuffle_buffer=1)
+    _, kp, m, idx = _collect(build_dataset(records, SPEC, cfg, 3, False, with_meta=True))
+    corners = codec.transform_points(np.array([[-0.5, -0.5], [119.5, 89.5]]), m[0])
+    half_w = 60 * 64 / 90  # height-limited: 90 rows fill 64, 120 columns centred
+    np.testing.assert_allclose(corners, [[47.5 - half_w, -0.5], [47.5 + half_w, 63.5]], atol=1e-3)
+    assert (kp[..., 2] == 2).all()
+    _, kp, m, idx = _collect(build_dataset(records, SPEC, cfg, 3, True, with_meta=True))
+    for mi, i in zip(m, idx, strict=True):
+        x, y, w, h = records[i].box
+        box = codec.transform_points(np.array([[x, y], [x + w - 1, y + h - 1]]), mi)
+        assert (box >= -0.5 - 1e-3).all() and (box <= [95.5, 63.5]).all()
+
+
+def test_sharding_with_input_context(tmp_path):
+    records = _marker_images(tmp_path, 10)
+    cfg = PipelineConfig(input_size=(64, 64))
+    seen = []
+    for pid in range(2):
+        ctx = tf.distribute.InputContext(2, pid, 2)
+        ds = build_dataset(records, SPEC, cfg, 4, False, with_meta=True, input_context=ctx)
+        batches = [m["index"].numpy() for _, _, m in ds]
+        assert max(len(b) for b in batches) == 2  # per-replica batch
+        seen.append(np.concatenate(batches))
+    assert sorted(np.concatenate(seen).tolist()) == list(range(10))
+    assert not set(seen[0]) & set(seen[1])
+
+
+def test_photometric_albumentations_and_jitter(tmp_path):
+    records = _marker_images(tmp_path, 4, bg=100)
+    photo = ({"name": "RandomBrightnessContrast", "p": 1.0, "brightness_limit": 0.5},)
+    aug = AugmentConfig(rotation=0.0, scale=(1, 1), flip=False, photometric=photo)
+    cfg = PipelineConfig(input_size=(64, 64), augment=aug, shuffle_buffer=1)
+    plain = PipelineConfig(input_size=(64, 64), shuffle_buffer=1,
+                           augment=AugmentConfig(rotation=0.0, scale=(1, 1), flip=False,
+                                                 **NO_COLOR))  # fmt: skip
+    a = _collect(build_dataset(records, SPEC, cfg, 4, True, seed=1, with_meta=True))
+    b = _collect(build_dataset(records, SPEC, cfg, 4, True, seed=1, with_meta=True))
+    c = _collect(build_dataset(records, SPEC, plain, 4, True, seed=1, with_meta=True))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], c[1])  # geometry unchanged
+    assert np.abs(a[0].astype(int) - c[0]).mean() > 1.0
+    with pytest.raises(ValueError, match="NoSuchTransform"):
+        AugmentConfig(photometric=({"name": "NoSuchTransform"},))
+
+
+def test_bad_image_files_name_file_and_record(tmp_path):
+    records = _marker_images(tmp_path, 3)
+    good = tmp_path / "good.jpg"
+    cv2.imwrite(str(good), np.full((50, 60, 3), 90, np.uint8))
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(good.read_bytes()[:300])
+    garbage = tmp_path / "junk.png"
+    garbage.write_bytes(b"not an image at all")
+    kp = records[0].keypoints
+    for i, name in enumerate(["missing.jpg", "cut.jpg", "junk.png"]):
+        bad = InstanceRecord(str(tmp_path / name), (1, 1, 20, 20), kp, record_id=90 + i)
+        with pytest.raises(DataError, match=rf"record {90 + i} .*{name}"):
+            build_dataset([*records, bad], SPEC, GEOM, 2, False)
+        ds = build_dataset([*records, bad], SPEC, GEOM, 2, False, on_error="skip",
+                           with_meta=True)  # fmt: skip
+        assert sorted(_collect(ds)[3].tolist()) == [0, 1, 2]
+    wrong = InstanceRecord(str(good), (1, 1, 20, 20), np.zeros((5, 3)), record_id=77)
+    with pytest.raises(DataError, match="record 77"):
+        build_dataset([wrong], SPEC, GEOM, 1, False)
+
+
+def test_write_preview(tmp_path):
+    records = _marker_images(tmp_path, 5)
+    path = write_preview(records, SPEC, GEOM, tmp_path / "out", n=4, seed=0)
+    grid = cv2.imread(str(path))
+    assert grid.shape == (64 * 2 + 2, 64 * 2 + 2, 3)
+    assert (grid[64:66, :] == 255).all() and grid[:64, :64].max() > 0
+
+
+def test_coco_mini_keypoints_follow_affine():
+    ann = DATA / "coco_mini" / "annotations" / "person_keypoints_train2017.json"
+    if not ann.exists():
+        pytest.skip("shared coco_mini data not available")
+    data = json.loads(ann.read_text())
+    files = {im["id"]: im["file_name"] for im in data["images"]}
+    records = [
+        InstanceRecord(str(ann.parents[1] / "train2017" / files[a["image_id"]]), tuple(a["bbox"]),
+                       np.array(a["keypoints"], np.float32).reshape(17, 3), a["image_id"], a["id"])
+        for a in sorted(data["annotations"], key=lambda a: a["image_id"])
+        if a["num_keypoints"] > 0 and not a["iscrowd"]
+    ][:24]  # fmt: skip
+    spec = KeypointSpec.coco17()
+    ds = build_dataset(records, spec, PipelineConfig(), 8, True, seed=0, with_meta=True)
+    images, kps, affines, index = _collect(ds)
+    assert images.shape == (24, 256, 192, 3) and images.std() > 10
+    for kp, m, i in zip(kps, affines, index, strict=True):
+        src = np.asarray(records[i].keypoints)
+        if np.linalg.det(m[:, :2]) < 0:
+            src = src[list(spec.flip_index)]
+        expected = codec.input_to_heatmap(codec.transform_points(src[:, :2], m), 4.0)
+        lab = kp[:, 2] > 0
+        assert lab.any()
+        np.testing.assert_allclose(kp[lab, :2], expected[lab], atol=1e-3)
+        np.testing.assert_array_equal(kp[lab, 2], src[lab, 2])
