@@ -1,10 +1,12 @@
 """Training-pipeline throughput versus pure JPEG decoding, per CPU core, printed as JSON.
 
 Both run in the same process with the same tf.data thread pool (``--cores`` threads, one
-thread per op), over the same image files: the decode baseline reads and decodes every
-image of the training records (``tf.io.decode_jpeg``); the pipeline decodes each image once
-(its instance windows only), warps every instance, augments and batches. The ratio compares
-images/s (an image of the pipeline yields all its instances).
+thread per op, OpenCV single-threaded), over the same image files: the decode baseline reads
+and decodes every image of the training records (``tf.io.decode_jpeg``); the pipeline decodes
+each image once (its instance windows only), warps every instance, augments and batches. The
+ratio compares images/s (an image of the pipeline yields all its instances). ``*_cpu_cores``
+is the process CPU time over wall time while timing (the cores actually used); on a shared
+machine ``*_per_cpu_s`` (work per CPU-second) is the steadier comparison.
 
 Usage:
     python benchmarks/pipeline.py --cores 1 --seconds 10
@@ -20,6 +22,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import cv2  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_mini"
@@ -32,27 +35,28 @@ def _options(cores: int) -> tf.data.Options:
     return options
 
 
-def _rate(ds: tf.data.Dataset, count, seconds: float) -> float:
-    """Elements per second after a warm-up; ``count(element)`` counts one element."""
+def _rate(ds: tf.data.Dataset, count, seconds: float) -> tuple[float, float]:
+    """(elements per second, CPU cores used) after a warm-up; ``count`` counts an element."""
     it = iter(ds)
     for _ in range(3):
         next(it)
-    done, start = 0, time.perf_counter()
+    done, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         done += count(next(it))
-    return done / (time.perf_counter() - start)
+    wall = time.perf_counter() - start
+    return done / wall, (time.process_time() - cpu) / wall
 
 
-def decode_rate(paths: list[str], cores: int, seconds: float) -> float:
-    """Images/s of read + tf.io.decode_jpeg alone."""
+def decode_rate(paths: list[str], cores: int, seconds: float) -> tuple[float, float]:
+    """(images/s, cores used) of read + tf.io.decode_jpeg alone."""
     ds = tf.data.Dataset.from_tensor_slices(paths).repeat()
     ds = ds.map(lambda p: tf.shape(tf.io.decode_jpeg(tf.io.read_file(p), channels=3))[0],
                 num_parallel_calls=tf.data.AUTOTUNE).batch(32)  # fmt: skip
     return _rate(ds.prefetch(2).with_options(_options(cores)), lambda b: int(b.shape[0]), seconds)
 
 
-def pipeline_rate(records, spec, config, cores: int, seconds: float, batch: int) -> float:
-    """Instances/s of the training pipeline."""
+def pipeline_rate(records, spec, config, cores: int, seconds: float, batch: int):
+    """(instances/s, cores used) of the training pipeline."""
     from kpnet.data.pipeline import build_dataset
 
     ds = build_dataset(records, spec, config, batch, training=True, repeat=True)
@@ -68,6 +72,7 @@ def main() -> None:
     args = parser.parse_args()
     tf.config.threading.set_inter_op_parallelism_threads(args.cores)
     tf.config.threading.set_intra_op_parallelism_threads(1)
+    cv2.setNumThreads(1)  # OpenCV's own pool would add cores beyond --cores
 
     from kpnet.data.augment import AugmentConfig
     from kpnet.data.coco import load_coco_records
@@ -77,7 +82,7 @@ def main() -> None:
     spec, records = load_coco_records(ann, args.data / "train2017")
     paths = sorted({r.image_path for r in records})
     ratio = len(paths) / len(records)  # images per instance
-    decode = decode_rate(paths, args.cores, args.seconds)
+    decode, decode_cpu = decode_rate(paths, args.cores, args.seconds)
     result = {
         "device": "cpu",
         "cores": args.cores,
@@ -85,6 +90,8 @@ def main() -> None:
         "instances": len(records),
         "input_size": [256, 192],
         "decode_images_per_s_per_core": round(decode / args.cores, 1),
+        "decode_cpu_cores": round(decode_cpu, 2),
+        "decode_images_per_cpu_s": round(decode / decode_cpu, 1),
     }
     variants = {
         "pipeline": PipelineConfig(),
@@ -93,10 +100,15 @@ def main() -> None:
         ),
     }
     for name, config in variants.items():
-        inst = pipeline_rate(records, spec, config, args.cores, args.seconds, args.batch_size)
+        inst, cpu = pipeline_rate(records, spec, config, args.cores, args.seconds, args.batch_size)
         result[f"{name}_instances_per_s_per_core"] = round(inst / args.cores, 1)
         result[f"{name}_images_per_s_per_core"] = round(inst * ratio / args.cores, 1)
         result[f"{name}_vs_decode_images_ratio"] = round(inst * ratio / decode, 3)
+        result[f"{name}_cpu_cores"] = round(cpu, 2)
+        result[f"{name}_images_per_cpu_s"] = round(inst * ratio / cpu, 1)
+        result[f"{name}_vs_decode_images_per_cpu_s_ratio"] = round(
+            inst * ratio / cpu / (decode / decode_cpu), 3
+        )
     print(json.dumps(result, indent=2))
 
 

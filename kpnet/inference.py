@@ -189,7 +189,7 @@ def load_model(path: str | Path, spec: KeypointSpec | dict | None = None, **opti
         path: a ``.keras`` file holding a keypoints model or a heatmap model.
         spec: spec of a heatmap model; default: ``spec.json`` beside ``path``.
         **options: decode options of :func:`build_keypoints_model`; given for a keypoints
-            model, its heatmap model is re-wrapped with them.
+            model, its heatmap model is re-wrapped with them (other options kept).
     """
     path = Path(path)
     if not path.is_file():
@@ -200,6 +200,10 @@ def load_model(path: str | Path, spec: KeypointSpec | dict | None = None, **opti
     if decoders:
         if not options:
             return model
+        config = decoders[0].get_config()
+        kept = {k: config[k] for k in ("method", "sigma", "max_peaks", "threshold", "min_distance")}
+        kept["flip_test"] = any(layer.name == "flip_average" for layer in model.layers)
+        options = {**kept, **options}
         spec = spec or decoders[0].spec
         model = model.get_layer(HEATMAP_MODEL_NAME)
     spec = _resolve_spec(spec, path)

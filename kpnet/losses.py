@@ -100,8 +100,9 @@ class GlobalNetL2Loss(_HeatmapLoss):
     def call(self, y_true, y_pred):
         keypoints, heatmaps = self._inputs(y_true, y_pred)
         visible = ops.cast(keypoints[..., 2] > 1.1, "float32")
-        target = self._render(ops.concatenate([keypoints[..., :2], visible[..., None]], -1),
-                              heatmaps)
+        target = self._render(
+            ops.concatenate([keypoints[..., :2], visible[..., None]], -1), heatmaps
+        )
         return ops.mean(ops.square(heatmaps - target), axis=(1, 2, 3))
 
 
@@ -117,8 +118,9 @@ class OHKMLoss(_HeatmapLoss):
     labelled ones instead of dividing by 8.
     """
 
-    def __init__(self, top_k: int = 8, sigma: float = DEFAULT_REFINE_SIGMA, channels=None,
-                 **kwargs) -> None:
+    def __init__(
+        self, top_k: int = 8, sigma: float = DEFAULT_REFINE_SIGMA, channels=None, **kwargs
+    ) -> None:
         super().__init__(sigma, channels, **{"name": "ohkm", **kwargs})
         if int(top_k) < 1:
             raise ValueError(f"OHKMLoss: top_k must be >= 1, got {top_k}")
@@ -159,9 +161,15 @@ class PixelOHKMLoss(_HeatmapLoss):
     Targets: Gaussians for labelled points (v > 0), shared channels combined with a maximum.
     """
 
-    def __init__(self, top_k: int | None = None, ratio: float = 0.1,
-                 sigma: float = DEFAULT_REFINE_SIGMA, channels=None,
-                 positive_threshold: float | None = 0.1, **kwargs) -> None:
+    def __init__(
+        self,
+        top_k: int | None = None,
+        ratio: float = 0.1,
+        sigma: float = DEFAULT_REFINE_SIGMA,
+        channels=None,
+        positive_threshold: float | None = 0.1,
+        **kwargs,
+    ) -> None:
         super().__init__(sigma, channels, **{"name": "pixel_ohkm", **kwargs})
         if top_k is None and not 0.0 < float(ratio) <= 1.0:
             raise ValueError(f"PixelOHKMLoss: ratio must be in (0, 1], got {ratio}")
@@ -192,8 +200,12 @@ class PixelOHKMLoss(_HeatmapLoss):
         return total / ops.maximum(ops.sum(pos, axis=-1) + n_neg, 1.0)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "top_k": self.top_k, "ratio": self.ratio,
-                "positive_threshold": self.positive_threshold}
+        return {
+            **super().get_config(),
+            "top_k": self.top_k,
+            "ratio": self.ratio,
+            "positive_threshold": self.positive_threshold,
+        }
 
 
 def build_losses(
@@ -219,11 +231,14 @@ def build_losses(
         ('OHKMLoss', 0.125, 1.0)
     """
     if refine_loss not in ("ohkm", "pixel"):
-        raise ValueError(f"build_losses: refine_loss must be 'ohkm' or 'pixel', got "
-                         f"{refine_loss!r}")
+        raise ValueError(
+            f"build_losses: refine_loss must be 'ohkm' or 'pixel', got {refine_loss!r}"
+        )
     if len(global_sigmas) != len(OUTPUT_NAMES) - 1:
-        raise ValueError(f"build_losses: global_sigmas needs {len(OUTPUT_NAMES) - 1} values "
-                         f"(P2..P5), got {list(global_sigmas)}")
+        raise ValueError(
+            f"build_losses: global_sigmas needs {len(OUTPUT_NAMES) - 1} values "
+            f"(P2..P5), got {list(global_sigmas)}"
+        )
     channels = list(spec.channels)
     losses: dict[str, keras.losses.Loss] = {
         out: GlobalNetL2Loss(sigma=s, channels=channels, name=f"{out}_l2")
@@ -232,8 +247,7 @@ def build_losses(
     if refine_loss == "ohkm":
         losses["refine"] = OHKMLoss(top_k=top_k, sigma=refine_sigma, channels=channels)
     else:
-        losses["refine"] = PixelOHKMLoss(ratio=pixel_ratio, sigma=refine_sigma,
-                                         channels=channels)
+        losses["refine"] = PixelOHKMLoss(ratio=pixel_ratio, sigma=refine_sigma, channels=channels)
     weights = {out: float(global_weight) / len(global_sigmas) for out in OUTPUT_NAMES[:-1]}
     weights["refine"] = float(refine_weight)
     return losses, weights

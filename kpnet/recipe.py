@@ -407,7 +407,7 @@ def _resolve_paths(recipe: Recipe, base: Path, over_keys: Sequence[str]) -> None
             continue
         p = Path(value).expanduser()
         if not p.is_absolute():
-            p = (cwd if key in over_keys else base) / p
+            p = Path(os.path.normpath((cwd if key in over_keys else base) / p))
         setattr(section, name, str(p) if name == "backbone_weights" else p)
 
 

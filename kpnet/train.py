@@ -138,16 +138,14 @@ def make_strategy(kind: str = "auto") -> tf.distribute.Strategy:
     than one GPU, else the default strategy. ``mirrored`` without GPUs mirrors over the
     logical CPU devices (tests use two).
     """
+    if kind == "multi_worker" or (kind == "auto" and os.environ.get("TF_CONFIG")):
+        # before anything lists devices: collectives must be configured at startup
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if kind == "auto":
-        if os.environ.get("TF_CONFIG"):
-            kind = "multi_worker"
-        elif len(gpus) > 1:
-            kind = "mirrored"
-        else:
+        if len(gpus) <= 1:
             return tf.distribute.get_strategy()
-    if kind == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        kind = "mirrored"
     if kind == "mirrored":
         devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
         return tf.distribute.MirroredStrategy(devices)

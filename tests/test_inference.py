@@ -137,8 +137,11 @@ def test_save_load_round_trip_safe_mode(tmp_path):
     np.testing.assert_array_equal(got["keypoints"], expected["keypoints"])
     np.testing.assert_array_equal(got["scores"], expected["scores"])
     assert isinstance(reloaded.get_layer("decode"), KeypointDecoder)
-    argmax = load_model(path, method="argmax").predict(images, verbose=0)["keypoints"]
+    rewrapped = load_model(path, method="argmax")
+    argmax = rewrapped.predict(images, verbose=0)["keypoints"]
     np.testing.assert_array_equal(argmax % 4, np.full_like(argmax, 1.5))  # pixel centres
+    assert rewrapped.get_layer("decode").threshold == 0.0  # other options kept
+    assert rewrapped.get_layer("flip_average") is not None
 
 
 def test_load_model_wraps_a_heatmap_model_with_spec_json(tmp_path):

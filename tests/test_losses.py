@@ -149,8 +149,9 @@ def test_global_l2_matches_reference_visible_only():
     kp[0, 1, 2] = 1.0  # occluded: target 0 for the GlobalNet
     kp[1, 2, 2] = 0.0
     loss = GlobalNetL2Loss(sigma=2.0)
-    np.testing.assert_allclose(np.asarray(loss.call(kp, pred)), np_global_l2(pred, kp, 2.0),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(loss.call(kp, pred)), np_global_l2(pred, kp, 2.0), rtol=1e-5
+    )
     with_occluded = kp.copy()
     with_occluded[0, 1, 2] = 2.0
     assert not np.allclose(loss.call(kp, pred), loss.call(with_occluded, pred))
@@ -174,8 +175,11 @@ def test_pixel_ohkm_matches_reference(threshold):
     expected = np_pixel_ohkm(pred, kp, 1.4, [0, 0], n, threshold)
     np.testing.assert_allclose(np.asarray(loss.call(kp, pred)), expected, rtol=1e-5)
     fixed = PixelOHKMLoss(top_k=7, channels=[0, 0], positive_threshold=threshold)
-    np.testing.assert_allclose(np.asarray(fixed.call(kp, pred)),
-                               np_pixel_ohkm(pred, kp, 1.4, [0, 0], 7, threshold), rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(fixed.call(kp, pred)),
+        np_pixel_ohkm(pred, kp, 1.4, [0, 0], 7, threshold),
+        rtol=1e-5,
+    )
 
 
 def test_pixel_ohkm_gradient_reaches_every_peak():

@@ -71,8 +71,9 @@ def test_caffe_preprocessing_matches_keras_applications():
     images = np.random.default_rng(1).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
     expected = keras.applications.resnet.preprocess_input(images.copy())
     np.testing.assert_allclose(np.asarray(Preprocess("caffe")(images)), expected, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(Preprocess("scale")(images)), images / 127.5 - 1,
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(Preprocess("scale")(images)), images / 127.5 - 1, atol=1e-6
+    )
 
 
 def test_keras_file_round_trip_safe_mode(tmp_path):
@@ -81,8 +82,9 @@ def test_keras_file_round_trip_safe_mode(tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     x = np.random.default_rng(2).integers(0, 256, (1, 64, 64, 3)).astype(np.uint8)
-    np.testing.assert_allclose(np.asarray(loaded(x)["refine"]), np.asarray(model(x)["refine"]),
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(loaded(x)["refine"]), np.asarray(model(x)["refine"]), atol=1e-5
+    )
 
 
 # --------------------------------------------------------------------------- weights
@@ -121,8 +123,9 @@ def test_tiny_backbone_weights_file_is_loaded(tmp_path):
     trunk.save_weights(path)
     model = tiny(2, backbone_weights=str(path))
     for name in ("tiny_stem_conv", "tiny_c5_conv2_bn"):
-        for a, b in zip(model.get_layer(name).get_weights(), trunk.get_layer(name).get_weights(),
-                        strict=True):
+        for a, b in zip(
+            model.get_layer(name).get_weights(), trunk.get_layer(name).get_weights(), strict=True
+        ):
             np.testing.assert_array_equal(a, b)
 
 
@@ -140,8 +143,9 @@ def _assert_trunk_equal(source: keras.Model, target: keras.Model) -> None:
     compared = 0
     for layer in target.layers:
         if layer.weights and layer.name not in HEADS:
-            for a, b in zip(layer.get_weights(), source.get_layer(layer.name).get_weights(),
-                            strict=True):
+            for a, b in zip(
+                layer.get_weights(), source.get_layer(layer.name).get_weights(), strict=True
+            ):
                 np.testing.assert_array_equal(a, b)
                 compared += 1
     assert compared > 100

@@ -58,9 +58,10 @@ def test_tiny_cpn_overfits_two_blobs():
     spec = KeypointSpec(names=("red", "blue"))
     model = build_cpn(2, (SIZE, SIZE, 3), backbone="tiny", pyramid_channels=32)
     losses, weights = build_losses(spec)
-    model.compile(keras.optimizers.Adam(3e-3), loss=losses, loss_weights=weights)
+    # jit_compile=False: XLA compilation of this graph costs more than the whole run on CPU.
+    model.compile(keras.optimizers.Adam(1e-2), loss=losses, loss_weights=weights, jit_compile=False)
     y = {name: targets for name in codec.OUTPUT_NAMES}
-    history = model.fit(images, y, batch_size=NUM_IMAGES, epochs=60, verbose=0)
+    history = model.fit(images, y, batch_size=NUM_IMAGES, epochs=80, verbose=0)
     loss = history.history["loss"]
     assert loss[-1] * 10 <= loss[0], f"loss fell only from {loss[0]:.4g} to {loss[-1]:.4g}"
     # Evaluate on the training batch with batch statistics (BN moving means need more steps).

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import kpnet  # noqa: F401  (quiet TF logs)
 from kpnet import codec
-from kpnet.data.augment import AugmentConfig, affine_matrices
+from kpnet.data.augment import AugmentConfig, affine_matrices, apply_color, sample_color
 from kpnet.data.pipeline import PipelineConfig, build_dataset
 from kpnet.data.preview import write_preview
 from kpnet.data.records import DataError, InstanceRecord
@@ -158,6 +158,32 @@ def test_single_object_modes(tmp_path, mode):
         assert (box >= -0.5 - 1e-3).all() and (box <= [95.5, 63.5]).all()
 
 
+def test_half_body_recentres_on_upper_points(tmp_path):
+    records = _marker_images(tmp_path, 12)
+    aug = AugmentConfig(
+        scale=(1, 1),
+        rotation=0.0,
+        flip=False,
+        half_body_prob=1.0,
+        half_body_min_keypoints=2,
+        upper_body=("left", "right"),
+        **NO_COLOR,
+    )
+    cfg = PipelineConfig(input_size=(64, 64), augment=aug, shuffle_buffer=1)  # fmt: skip
+    _, _, m, idx = _collect(build_dataset(records, SPEC, cfg, 4, True, with_meta=True))
+    kinds = set()
+    for mi, i in zip(m, idx, strict=True):
+        center = codec.transform_points(np.array([31.5, 31.5]), codec.invert_affine(mi))
+        upper = records[i].keypoints[:2, :2]
+        box_center, _ = codec.box_to_center_scale(records[i].box, 1.0)
+        if np.allclose(center, (upper.min(0) + upper.max(0)) / 2, atol=1e-3):
+            kinds.add("upper")  # the lower half has one point only: no half-body crop
+        else:
+            np.testing.assert_allclose(center, box_center, atol=1e-3)
+            kinds.add("box")
+    assert kinds == {"upper", "box"}
+
+
 def test_sharding_with_input_context(tmp_path):
     records = _marker_images(tmp_path, 10)
     cfg = PipelineConfig(input_size=(64, 64))
@@ -194,21 +220,36 @@ def test_bad_image_files_name_file_and_record(tmp_path):
     records = _marker_images(tmp_path, 3)
     good = tmp_path / "good.jpg"
     cv2.imwrite(str(good), np.full((50, 60, 3), 90, np.uint8))
-    truncated = tmp_path / "cut.jpg"
-    truncated.write_bytes(good.read_bytes()[:300])
-    garbage = tmp_path / "junk.png"
-    garbage.write_bytes(b"not an image at all")
+    (tmp_path / "cut.jpg").write_bytes(good.read_bytes()[:300])
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
     kp = records[0].keypoints
-    for i, name in enumerate(["missing.jpg", "cut.jpg", "junk.png"]):
-        bad = InstanceRecord(str(tmp_path / name), (1, 1, 20, 20), kp, record_id=90 + i)
-        with pytest.raises(DataError, match=rf"record {90 + i} .*{name}"):
-            build_dataset([*records, bad], SPEC, GEOM, 2, False)
-        ds = build_dataset([*records, bad], SPEC, GEOM, 2, False, on_error="skip",
-                           with_meta=True)  # fmt: skip
-        assert sorted(_collect(ds)[3].tolist()) == [0, 1, 2]
+    bad = [InstanceRecord(str(tmp_path / name), (1, 1, 20, 20), kp, record_id=90 + i)
+           for i, name in enumerate(["missing.jpg", "cut.jpg", "junk.png"])]  # fmt: skip
+    for record in bad:
+        name = Path(record.image_path).name
+        with pytest.raises(DataError, match=rf"record {record.record_id} .*{name}"):
+            build_dataset([*records, record], SPEC, GEOM, 2, False)
+    ds = build_dataset([*records, *bad], SPEC, GEOM, 2, False, on_error="skip", with_meta=True)
+    assert sorted(_collect(ds)[3].tolist()) == [0, 1, 2]
     wrong = InstanceRecord(str(good), (1, 1, 20, 20), np.zeros((5, 3)), record_id=77)
     with pytest.raises(DataError, match="record 77"):
         build_dataset([wrong], SPEC, GEOM, 1, False)
+
+
+def test_color_jitter_parameters():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(apply_color(img, [0.0, 1.0, 1.0, 0.0]), img)
+    brighter = apply_color(img, [0.2, 1.0, 1.0, 0.0]).astype(int)
+    np.testing.assert_array_equal(brighter, np.minimum(img.astype(int) + 51, 255))
+    flat = apply_color(img, [0.0, 0.0, 1.0, 0.0])  # zero contrast: the mean level
+    assert np.ptp(flat) == 0 and abs(int(flat[0, 0, 0]) - img.mean()) <= 1
+    gray = apply_color(img, [0.0, 1.0, 0.0, 0.0])  # zero saturation: grey
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
+    params = sample_color(AugmentConfig(), tf.constant([1, 2], tf.int64), tf.constant(500))
+    lo, hi = np.min(params, 0), np.max(params, 0)
+    assert -0.2 <= lo[0] < -0.15 and 0.15 < hi[0] <= 0.2 and 0.8 <= lo[1] and hi[1] <= 1.2
+    np.testing.assert_array_equal(np.asarray(params)[:, 2:], [[1.0, 0.0]] * 500)
 
 
 def test_write_preview(tmp_path):

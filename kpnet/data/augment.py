@@ -24,9 +24,10 @@ Choices (documented defaults):
 * half body (HRNet): with probability ``half_body_prob``, for instances with at least
   ``half_body_min_keypoints`` labelled points, the crop is re-centred on the labelled points
   of the upper or the lower body.
-* photometric: built-in TF colour jitter (brightness / contrast / saturation / hue, cheap,
-  on by default) and/or albumentations transforms named in ``photometric``; both run on the
-  uint8 input crop after the geometric warp.
+* photometric: built-in colour jitter (brightness / contrast by one OpenCV LUT, ~0.05 ms a
+  crop, on by default; saturation / hue blends cost ~0.15 ms more, off by default) and/or
+  albumentations transforms named in ``photometric``; both run on the uint8 input crop
+  after the geometric warp.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import tensorflow as tf
 
@@ -75,12 +77,15 @@ class AugmentConfig:
     upper_body: tuple[str, ...] | None = None
     brightness: float = 0.2
     contrast: float = 0.2
-    saturation: float = 0.2
+    saturation: float = 0.0
     hue: float = 0.0
     photometric: tuple[Mapping[str, Any], ...] = field(default=())
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", tuple(float(s) for s in self.scale))
+        for key in ("rotation", "rotation_prob", "half_body_prob", "brightness", "contrast",
+                    "saturation", "hue"):  # fmt: skip
+            object.__setattr__(self, key, float(getattr(self, key)))
         object.__setattr__(self, "photometric", tuple(dict(t) for t in self.photometric or ()))
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
             raise ValueError(f"augment.scale: need 0 < low <= high, got {self.scale}")
@@ -190,23 +195,35 @@ def half_body(
 
 
 # --------------------------------------------------------------------------- photometric
-def color_jitter(image: tf.Tensor, config: AugmentConfig, seed: tf.Tensor) -> tf.Tensor:
-    """Built-in stateless colour jitter on a uint8 [H, W, 3] crop; returns uint8."""
-    if not (config.brightness or config.contrast or config.saturation or config.hue):
-        return image
-    seeds = tf.random.experimental.stateless_split(seed, 4)
-    x = tf.cast(image, tf.float32) / 255.0
-    if config.brightness:
-        x = tf.image.stateless_random_brightness(x, config.brightness, seeds[0])
-    if config.contrast:
-        c = config.contrast
-        x = tf.image.stateless_random_contrast(x, 1.0 - c, 1.0 + c, seeds[1])
-    if config.saturation:
-        s = config.saturation
-        x = tf.image.stateless_random_saturation(x, 1.0 - s, 1.0 + s, seeds[2])
-    if config.hue:
-        x = tf.image.stateless_random_hue(x, config.hue, seeds[3])
-    return tf.cast(tf.round(tf.clip_by_value(x, 0.0, 1.0) * 255.0), tf.uint8)
+def sample_color(config: AugmentConfig, seed: tf.Tensor, n: tf.Tensor) -> tf.Tensor:
+    """Random colour parameters [n, 4]: (brightness delta, contrast, saturation, hue delta)."""
+    u = tf.random.stateless_uniform(tf.stack([n, 4]), seed=seed, minval=-1.0, maxval=1.0)
+    spread = tf.constant([config.brightness, config.contrast, config.saturation, config.hue])
+    return u * spread + tf.constant([0.0, 1.0, 1.0, 0.0])
+
+
+def apply_color(image: np.ndarray, params: np.ndarray) -> np.ndarray:
+    """Colour jitter of a uint8 RGB crop in place-free OpenCV ops (LUT, blend, HSV shift).
+
+    ``params`` = (brightness delta in [-1, 1] of 255, contrast factor, saturation factor,
+    hue delta in turns); contrast scales about the mean level, saturation blends with the
+    grey image (as torchvision's ColorJitter).
+    """
+    delta, contrast, saturation, hue = (float(p) for p in params)
+    out = image
+    if delta != 0.0 or contrast != 1.0:
+        mean = float(np.mean(cv2.mean(out)[:3]))
+        lut = contrast * np.arange(256.0) + (1.0 - contrast) * mean + delta * 255.0
+        out = cv2.LUT(out, np.clip(np.round(lut), 0, 255).astype(np.uint8))
+    if saturation != 1.0:
+        gray = cv2.cvtColor(cv2.cvtColor(out, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
+        out = cv2.addWeighted(out, saturation, gray, 1.0 - saturation, 0.0)
+    if hue != 0.0:
+        hsv = cv2.cvtColor(out, cv2.COLOR_RGB2HSV)
+        shift = int(round(hue * 180.0)) % 180
+        hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
+        out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    return out
 
 
 def build_albumentations(transforms: Sequence[Mapping[str, Any]]):

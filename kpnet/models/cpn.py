@@ -130,7 +130,7 @@ def bottleneck(x, planes: int, name: str):
 # --------------------------------------------------------------------------- helpers
 def _upsample(x, level: int, name: str):
     """Bilinear resize from stride 2**level to the output stride 4 (identity at P2)."""
-    factor = 2 ** level // OUTPUT_STRIDE
+    factor = 2**level // OUTPUT_STRIDE
     if factor == 1:
         return x
     return layers.UpSampling2D(factor, interpolation="bilinear", name=f"{name}_up")(x)

@@ -41,8 +41,10 @@ class RetargetReport:
     def summary(self) -> str:
         """One line per category, e.g. for logging after a re-target."""
         lines = [f"loaded {len(self.loaded)} layers from the source model"]
-        for label, names in (("re-initialised (shape mismatch)", self.reinitialized),
-                             ("missing in the source", self.missing)):
+        for label, names in (
+            ("re-initialised (shape mismatch)", self.reinitialized),
+            ("missing in the source", self.missing),
+        ):
             if names:
                 lines.append(f"{label}: {len(names)} layers: {', '.join(names)}")
         return "\n".join(lines)
@@ -159,5 +161,8 @@ def _architecture_from_weights(path: Path) -> dict:
                 "layers); pass the .keras file or the model instead"
             )
         kernel = f["layers"][convs[-1]]["vars"]["0"].shape  # refine_head_conv: (3, 3, P, C)
-    return {"backbone": by_count[len(convs)], "pyramid_channels": int(kernel[2]),
-            "num_channels": int(kernel[3])}
+    return {
+        "backbone": by_count[len(convs)],
+        "pyramid_channels": int(kernel[2]),
+        "num_channels": int(kernel[3]),
+    }

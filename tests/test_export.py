@@ -1,0 +1,213 @@
+"""SavedModel export: geometry against kpnet.codec / OpenCV, and TF-only serving == CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+
+from kpnet.cli import main
+from kpnet.cli.predict import crop_image, crop_matrix
+from kpnet.codec import input_to_heatmap, invert_affine, render_heatmaps
+from kpnet.export import SIGNATURES, crop_transforms, export_saved_model
+from kpnet.inference import build_keypoints_model
+from kpnet.spec import KeypointSpec
+
+INPUT = (96, 64)  # (H, W) of the model input: not square, so the aspect rule matters
+SPEC = KeypointSpec(names=("red", "green", "blue"), flip_pairs=((0, 1),), skeleton=((0, 1),))
+
+# Runs in a fresh interpreter that imports only TensorFlow (no kpnet, no explicit keras), as
+# a TF Serving client would.
+SERVING_CLIENT = r"""
+import json, sys
+import tensorflow as tf
+
+path, image_file, box = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+loaded = tf.saved_model.load(path)
+image = tf.io.decode_png(tf.io.read_file(image_file), channels=3)[None]
+
+def describe(fn):
+    spec = lambda t: [t.dtype.name, t.shape.as_list()]
+    return {"inputs": {k: spec(v) for k, v in fn.structured_input_signature[1].items()},
+            "outputs": {k: spec(v) for k, v in fn.structured_outputs.items()}}
+
+serve = loaded.signatures["serving_default"](images=image, boxes=tf.constant([box]))
+whole = loaded.signatures["whole_image"](images=image)
+sentinel = loaded.signatures["serving_default"](images=image, boxes=tf.zeros([1, 4]))
+meta = loaded.signatures["metadata"]()
+print(json.dumps({
+    "signatures": {name: describe(fn) for name, fn in loaded.signatures.items()},
+    "box": serve["keypoints"].numpy()[0].tolist(),
+    "box_scores": serve["scores"].numpy()[0].tolist(),
+    "whole": whole["keypoints"].numpy()[0].tolist(),
+    "sentinel": sentinel["keypoints"].numpy()[0].tolist(),
+    "spec": json.loads(meta["spec_json"].numpy().decode()),
+    "input_size": meta["input_size"].numpy().tolist(),
+    "kpnet_imported": any(m.split(".")[0] == "kpnet" for m in sys.modules),
+}))
+"""
+
+
+# --------------------------------------------------------------------------- geometry
+def test_crop_transforms_invert_codec_crop_affine():
+    boxes = np.array(
+        [[10, 20, 50, 60], [0.5, 3, 200, 40], [100, 50, 8, 300], [0, 0, 0, 0], [5, 5, -1, 10]],
+        np.float32,
+    )
+    image_hw = (300, 400)
+    got = crop_transforms(tf.constant(boxes), tf.constant(image_hw), INPUT).numpy()
+    for box, t in zip(boxes, got, strict=True):
+        whole = box[2] <= 0 or box[3] <= 0
+        m = crop_matrix(None if whole else box, image_hw, INPUT)
+        expected = invert_affine(m)  # crop -> image
+        np.testing.assert_allclose(t[:6].reshape(2, 3), expected, rtol=1e-5, atol=1e-3)
+        np.testing.assert_array_equal(t[6:], 0.0)
+
+
+def test_tf_warp_matches_opencv_pixel_centres():
+    rng = np.random.default_rng(1)
+    image = cv2.GaussianBlur(rng.integers(0, 256, (120, 170, 3), dtype=np.uint8), (0, 0), 2)
+    box = np.array([30.3, 10.7, 80.0, 90.0], np.float32)
+    t = crop_transforms(tf.constant(box[None]), tf.constant(image.shape[:2]), INPUT)
+    ours = tf.raw_ops.ImageProjectiveTransformV3(
+        images=image[None], transforms=t, output_shape=list(INPUT), fill_value=0.0,
+        interpolation="BILINEAR", fill_mode="CONSTANT",
+    )[0].numpy().astype(np.float32)  # fmt: skip
+    ref = crop_image(image, crop_matrix(box, image.shape[:2], INPUT), INPUT).astype(np.float32)
+    assert np.abs(ours - ref).mean() < 0.5
+    assert np.abs(ours - ref).max() <= 3
+
+
+# --------------------------------------------------------------------------- export
+def _blob_keypoints_model() -> keras.Model:
+    """Heatmap channel c = average-pooled colour channel c / 255: peaks where blobs are."""
+    images = keras.Input((*INPUT, 3))
+    pooled = keras.layers.AveragePooling2D(4)(images)
+    refine = keras.layers.Conv2D(3, 1, use_bias=False, name="refine")(pooled)
+    heatmap_model = keras.Model(images, {"refine": refine})
+    heatmap_model.get_layer("refine").set_weights([np.eye(3).reshape(1, 1, 3, 3) / 255.0])
+    return build_keypoints_model(heatmap_model, SPEC)
+
+
+def _blob_image(points, hw=(300, 400), sigma=14.0) -> np.ndarray:
+    yy, xx = np.mgrid[: hw[0], : hw[1]].astype(np.float32)
+    image = np.zeros((*hw, 3), np.float32)
+    for c, (x, y) in enumerate(points):
+        image[..., c] = 250 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+    return np.round(image).astype(np.uint8)
+
+
+def test_serving_signatures_recover_known_points(tmp_path):
+    points = np.array([[150.4, 120.2], [210.7, 180.9], [170.0, 60.5]], np.float32)
+    image = _blob_image(points)
+    path = export_saved_model(_blob_keypoints_model(), tmp_path / "sm" / "1")
+    assert (path / "assets" / "spec.json").is_file()
+    loaded = tf.saved_model.load(str(path))
+    assert set(SIGNATURES) <= set(loaded.signatures)
+    box = tf.constant([[120.0, 40.0, 130.0, 170.0], [0.0, 0.0, -1.0, 0.0]])
+    images = tf.constant(np.stack([image, image]))
+    out = loaded.signatures["serving_default"](images=images, boxes=box)
+    np.testing.assert_allclose(out["keypoints"].numpy()[0], points, atol=0.6)
+    np.testing.assert_allclose(out["keypoints"].numpy()[1], points, atol=1.5)  # whole image
+    assert (out["scores"].numpy() > 0.5).all()
+    crops = loaded.signatures["crops"](crops=tf.zeros([2, *INPUT, 3]))
+    assert crops["heatmaps"].shape == (2, INPUT[0] // 4, INPUT[1] // 4, 3)
+    meta = loaded.signatures["metadata"]()
+    assert json.loads(meta["spec_json"].numpy())["names"] == list(SPEC.names)
+
+
+def test_export_rejects_heatmap_models(tmp_path):
+    images = keras.Input((*INPUT, 3))
+    heatmap_model = keras.Model(images, keras.layers.Conv2D(3, 4, strides=4)(images))
+    with pytest.raises(ValueError, match="KeypointDecoder"):
+        export_saved_model(heatmap_model, tmp_path / "sm")
+    assert not (tmp_path / "sm").exists()
+
+
+# --------------------------------------------------------------------------- acceptance
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A run folder (best.keras + spec.json) of a tiny CPN whose heads find colour blobs."""
+    from kpnet.models import build_cpn
+
+    keras.utils.set_random_seed(3)
+    model = build_cpn(3, input_shape=(*INPUT, 3), backbone="tiny", pyramid_channels=16)
+    _fit_refine_head(model)
+    run = tmp_path_factory.mktemp("run")
+    model.save(run / "best.keras")
+    (run / "spec.json").write_text(json.dumps(SPEC.to_dict()))
+    return run
+
+
+def _fit_refine_head(model: keras.Model, n: int = 24) -> None:
+    """Least-squares fit of the RefineNet head (3x3 conv + BN) on random blob crops, so the
+    untrained trunk's features give meaningful, non-degenerate peaks without training."""
+    rng = np.random.default_rng(0)
+    points = rng.uniform((8, 8), (INPUT[1] - 8, INPUT[0] - 8), (n, 3, 2)).astype(np.float32)
+    images = np.stack([_blob_image(p, INPUT, sigma=6.0) for p in points])
+    kp = np.concatenate([input_to_heatmap(points, 4), np.full((n, 3, 1), 2.0, np.float32)], -1)
+    target = np.asarray(render_heatmaps(kp, (INPUT[0] // 4, INPUT[1] // 4), 1.4)).reshape(-1, 3)
+    trunk = keras.Model(model.inputs, model.get_layer("refine_final_block_out").output)
+    feats = trunk.predict(images, verbose=0)
+    d = feats.shape[-1]
+    patches = tf.image.extract_patches(feats, [1, 3, 3, 1], [1] * 4, [1] * 4, "SAME")
+    x = np.concatenate([patches.numpy().reshape(-1, 9 * d), np.ones((len(target), 1))], 1)
+    w = np.linalg.solve(x.T @ x + 1e-2 * np.eye(x.shape[1]), x.T @ target)
+    model.get_layer("refine_head_conv").set_weights([w[:-1].reshape(3, 3, d, 3)])
+    bn = model.get_layer("refine_head_bn")  # identity + bias: gamma 1, mean 0, var 1 - eps
+    bn.set_weights([np.ones(3), w[-1], np.zeros(3), np.full(3, 1.0 - bn.epsilon)])
+
+
+def test_saved_model_in_plain_tensorflow_matches_cli(tiny_run, tmp_path):
+    image = _blob_image([(60.0, 90.0), (85.0, 130.0), (50.0, 140.0)], (210, 155), sigma=10.0)
+    image_file = tmp_path / "17.png"
+    cv2.imwrite(str(image_file), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    box = [30.5, 40.0, 80.0, 120.0]
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps([{"image_id": 17, "category_id": 1, "bbox": box, "score": 0.9}]))
+    runner = CliRunner()
+    sm = tmp_path / "serving" / "1"
+    res = runner.invoke(main, ["export", str(tiny_run), "-o", str(sm)])
+    assert res.exit_code == 0, res.output
+    cli = {}
+    for name, extra in (("box", ["--boxes", str(dets)]), ("whole", [])):
+        out = tmp_path / f"{name}.json"
+        args = ["predict", str(tiny_run), str(image_file), "-o", str(out), *extra]
+        res = runner.invoke(main, args)
+        assert res.exit_code == 0, res.output
+        [pred] = json.loads(out.read_text())
+        assert pred["image_id"] == 17 and len(pred["keypoints"]) == 3 * SPEC.num_keypoints
+        cli[name] = np.array(pred["keypoints"]).reshape(-1, 3)
+    proc = subprocess.run(
+        [sys.executable, "-c", SERVING_CLIENT, str(sm), str(image_file), json.dumps(box)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    served = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not served["kpnet_imported"]  # (tensorflow itself imports keras)
+    assert (cli["box"][:, 2] > 0.2).all()  # meaningful peaks, not a flat map
+    np.testing.assert_allclose(served["box"], cli["box"][:, :2], atol=0.5)
+    np.testing.assert_allclose(served["box_scores"], cli["box"][:, 2], atol=0.02)
+    np.testing.assert_allclose(served["whole"], cli["whole"][:, :2], atol=0.5)
+    np.testing.assert_allclose(served["sentinel"], served["whole"], atol=1e-4)
+    assert served["spec"]["names"] == list(SPEC.names) and served["input_size"] == list(INPUT)
+    sigs = served["signatures"]
+    assert set(sigs) == set(SIGNATURES)
+    assert sigs["serving_default"]["inputs"] == {
+        "images": ["uint8", [None, None, None, 3]], "boxes": ["float32", [None, 4]],
+    }  # fmt: skip
+    k = SPEC.num_keypoints
+    assert sigs["serving_default"]["outputs"] == {
+        "keypoints": ["float32", [None, k, 2]], "scores": ["float32", [None, k]],
+    }  # fmt: skip
+    assert sigs["whole_image"]["inputs"] == {"images": ["uint8", [None, None, None, 3]]}
+    assert sigs["crops"]["inputs"] == {"crops": ["float32", [None, *INPUT, 3]]}
+    assert sigs["crops"]["outputs"]["heatmaps"] == ["float32", [None, 24, 16, 3]]

@@ -1,0 +1,165 @@
+"""`kpnet predict`: image ids, detections, top-down keypoints in image pixels, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import keras
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from kpnet.cli import main
+from kpnet.cli.predict import (
+    Instance,
+    coco_result,
+    image_ids,
+    instances_from_detections,
+    resolve_model_path,
+)
+from kpnet.data.records import DataError
+from kpnet.inference import build_keypoints_model
+from kpnet.spec import KeypointSpec
+
+INPUT = (64, 64)
+SPEC = KeypointSpec(names=("red", "green", "blue"), skeleton=((0, 1), (1, 2)))
+POINTS = {  # image stem -> blob centres (x, y) in image pixels, one per colour
+    "5": [(70.3, 60.6), (100.8, 95.2), (55.5, 110.1)],
+    "9": [(140.0, 40.4), (120.6, 75.9), (160.2, 90.0)],
+}
+BOXES = {"5": [40.0, 40.0, 80.0, 90.0], "9": [100.0, 20.0, 80.0, 90.0]}
+
+
+def _blob_image(points, hw=(160, 200), sigma=9.0) -> np.ndarray:
+    yy, xx = np.mgrid[: hw[0], : hw[1]].astype(np.float32)
+    image = np.zeros((*hw, 3), np.float32)
+    for c, (x, y) in enumerate(points):
+        image[..., c] = 250 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
+    return np.round(image).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    """A keypoints model whose channel c is the average-pooled colour channel c / 255."""
+    images = keras.Input((*INPUT, 3))
+    pooled = keras.layers.AveragePooling2D(4)(images)
+    refine = keras.layers.Conv2D(3, 1, use_bias=False, name="refine")(pooled)
+    heatmap_model = keras.Model(images, {"refine": refine})
+    heatmap_model.get_layer("refine").set_weights([np.eye(3).reshape(1, 1, 3, 3) / 255.0])
+    path = tmp_path_factory.mktemp("model") / "keypoints.keras"
+    build_keypoints_model(heatmap_model, SPEC).save(path)
+    return path
+
+
+@pytest.fixture()
+def image_dir(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for stem, points in POINTS.items():
+        rgb = _blob_image(points)
+        cv2.imwrite(str(folder / f"{stem}.png"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return folder
+
+
+def _detections(path: Path) -> Path:
+    dets = [
+        {"image_id": int(s), "category_id": 3, "bbox": b, "score": 0.8} for s, b in BOXES.items()
+    ]
+    dets += [
+        {"image_id": 5, "category_id": 3, "bbox": [0, 0, 10, 10], "score": 0.1},  # low score
+        {"image_id": 77, "category_id": 3, "bbox": [0, 0, 50, 50], "score": 0.9},  # no image
+    ]
+    path.write_text(json.dumps(dets))
+    return path
+
+
+# --------------------------------------------------------------------------- end to end
+def test_predict_on_detections_finds_blobs_in_image_pixels(model_file, image_dir, tmp_path):
+    out, draw = tmp_path / "preds.json", tmp_path / "draw"
+    dets = _detections(tmp_path / "d.json")
+    args = ["predict", str(model_file), str(image_dir), "--boxes", str(dets), "-o", str(out),
+            "--draw", str(draw), "--heatmaps", "--batch-size", "1"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    preds = {p["image_id"]: p for p in json.loads(out.read_text())}
+    assert sorted(preds) == [5, 9]  # the low-score and the unknown-image detections are dropped
+    for stem, points in POINTS.items():
+        p = preds[int(stem)]
+        kp = np.array(p["keypoints"]).reshape(-1, 3)
+        np.testing.assert_allclose(kp[:, :2], points, atol=0.5)
+        confident = kp[kp[:, 2] > 0.2, 2]
+        assert p["score"] == pytest.approx(0.8 * confident.mean(), abs=1e-3)
+        assert p["category_id"] == 3 and p["bbox"] == BOXES[stem]
+        assert (draw / f"{stem}.jpg").is_file() and (draw / f"{stem}_heatmap0.jpg").is_file()
+
+
+def test_predict_whole_images_with_flip_test(model_file, image_dir, tmp_path):
+    out = tmp_path / "whole.json"
+    args = ["predict", str(model_file), str(image_dir / "9.png"), "-o", str(out), "--flip-test"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    [p] = json.loads(out.read_text())
+    assert p["image_id"] == 9 and p["category_id"] == 1 and p["bbox"] is None
+    kp = np.array(p["keypoints"]).reshape(-1, 3)
+    np.testing.assert_allclose(kp[:, :2], POINTS["9"], atol=1.0)  # coarser: 64 px for 200
+
+
+def test_unreadable_image_is_named_and_nothing_written_is_lost(model_file, image_dir, tmp_path):
+    bad = image_dir / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 10)  # passes the header check
+    out, draw = tmp_path / "preds.json", tmp_path / "draw"
+    out.write_text("old results")
+    args = ["predict", str(model_file), str(image_dir / "5.png"), str(bad), "-o", str(out),
+            "--draw", str(draw), "--batch-size", "1"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code != 0 and "bad.jpg" in res.output and "Traceback" not in res.output
+    assert out.read_text() == "old results"
+    assert (draw / "5.jpg").is_file()  # the overlay drawn before the failure stays
+    (image_dir / "notes.jpg").write_text("plain text")
+    res = CliRunner().invoke(main, ["predict", str(model_file), str(image_dir / "notes.jpg")])
+    assert res.exit_code != 0 and "notes.jpg" in res.output
+
+
+# --------------------------------------------------------------------------- inputs
+def test_image_id_rules(tmp_path):
+    numeric = [Path("a/000000000139.jpg"), Path("b/7.png")]
+    assert image_ids(numeric) == [139, 7]
+    assert image_ids([Path("x/7.png"), Path("frame_a.png")]) == [0, 1]
+    coco = tmp_path / "coco.json"
+    coco.write_text(json.dumps({"images": [{"id": 42, "file_name": "val/frame_a.png"}]}))
+    assert image_ids([Path("elsewhere/frame_a.png")], coco) == [42]
+    with pytest.raises(DataError, match="coco.json.*frame_b.png"):
+        image_ids([Path("frame_b.png")], coco)
+
+
+def test_detections_are_validated_with_file_and_index(tmp_path):
+    instances = instances_from_detections(_detections(tmp_path / "d.json"), [9, 5], 0.5)
+    assert [(i.image, i.box, i.box_score) for i in instances] == [
+        (1, tuple(BOXES["5"]), 0.8), (0, tuple(BOXES["9"]), 0.8),
+    ]  # fmt: skip
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image_id": 1, "bbox": [0, 0, 5, 5]}, {"image_id": 2}]))
+    with pytest.raises(DataError, match=r"bad.json: detection 1 needs image_id and bbox"):
+        instances_from_detections(bad, [1, 2])
+
+
+def test_model_path_resolution(tmp_path):
+    (tmp_path / "last.keras").write_text("")
+    assert resolve_model_path(tmp_path) == tmp_path / "last.keras"
+    (tmp_path / "best.keras").write_text("")
+    assert resolve_model_path(tmp_path) == tmp_path / "best.keras"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty: a run folder needs best.keras"):
+        resolve_model_path(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match=r"\.keras file or a run folder"):
+        resolve_model_path(tmp_path / "model.h5")
+
+
+def test_coco_result_rescoring():
+    inst = Instance(0, (1.0, 2.0, 3.0, 4.0), 0.5, 2, np.array([[1.0, 2.0], [3.0, 4.0]]),
+                    np.array([0.9, 0.1], np.float32))  # fmt: skip
+    r = coco_result(inst, 12, Path("12.jpg"))
+    assert r["keypoints"] == [1.0, 2.0, 0.9, 3.0, 4.0, 0.1]
+    assert r["score"] == pytest.approx(0.45) and r["image_id"] == 12 and r["category_id"] == 2
