@@ -43,15 +43,18 @@ class _Bare(tf.Module):
         self.heatmaps = tf.function(forward, autograph=False, input_signature=[spec])
 
 
-def _time(fn, iters: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        _block(fn())
-    out = []
+def _time(runs: dict, iters: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call of each function, interleaved so load changes hit all alike."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            _block(fn())
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(iters):
-        start = time.perf_counter()
-        _block(fn())
-        out.append(time.perf_counter() - start)
-    return out
+        for name, fn in runs.items():
+            start = time.perf_counter()
+            _block(fn())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _block(result) -> None:
@@ -97,8 +100,7 @@ def main() -> None:
                 images=i, boxes=b
             ),
         }  # fmt: skip
-        for name, fn in runs.items():
-            median = statistics.median(_time(fn, iters))
+        for name, median in _time(runs, iters).items():
             if key:
                 result.setdefault(key, {})[name] = round(median * 1e3, 2)
             else:
