@@ -90,7 +90,7 @@ def test_keras_file_round_trip_safe_mode(tmp_path):
 # --------------------------------------------------------------------------- weights
 def test_imagenet_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.setattr(backbones_module, "_can_download", lambda timeout=2.0: False)
+    monkeypatch.delenv("KPNET_ALLOW_DOWNLOAD", raising=False)
     start = time.perf_counter()
     with pytest.raises(BackboneWeightsError, match="model.backbone_weights: /path/to/resnet50"):
         build_cpn(17, backbone="resnet50", backbone_weights="imagenet")
@@ -106,6 +106,25 @@ def test_imagenet_uses_keras_cache_file(tmp_path, monkeypatch):
     assert backbones_module.resolve_weights("resnet101", "imagenet") == str(cached)
     with pytest.raises(BackboneWeightsError, match="no ImageNet weights"):
         backbones_module.resolve_weights("tiny", "imagenet")
+
+
+def test_imagenet_cache_file_is_loaded_into_the_trunk(tmp_path, monkeypatch):
+    legacy = pytest.importorskip("keras.src.legacy.saving.legacy_h5_format")
+    h5py = pytest.importorskip("h5py")
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    monkeypatch.delenv("KPNET_ALLOW_DOWNLOAD", raising=False)
+    app = keras.applications.ResNet50(include_top=False, weights=None, input_shape=(None, None, 3))
+    _randomise(app)
+    cached = imagenet_cache_path("resnet50")
+    cached.parent.mkdir(parents=True)
+    with h5py.File(cached, "w") as f:  # the keras-applications notop file format
+        legacy.save_weights_to_hdf5_group(f, app)
+    model = build_cpn(17, backbone="resnet50", backbone_weights="imagenet")
+    for name in ("conv1_conv", "conv5_block3_3_bn"):
+        for a, b in zip(
+            model.get_layer(name).get_weights(), app.get_layer(name).get_weights(), strict=True
+        ):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_missing_local_weights_file_is_named(tmp_path):

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import keras
@@ -35,7 +34,6 @@ RESNET_TAPS: dict[str, tuple[str, ...]] = {
 }
 TINY_WIDTHS: tuple[int, ...] = (16, 32, 64, 128)
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
-_WEIGHTS_HOST = ("storage.googleapis.com", 443)
 
 
 class BackboneWeightsError(ValueError):
@@ -83,7 +81,7 @@ def build_backbone(name: str, input_tensor, weights: str | None = None) -> list:
         name: one of :data:`BACKBONES`.
         input_tensor: a symbolic ``keras.Input`` (or tensor derived from one), [B, H, W, 3].
         weights: None (random init), ``"imagenet"`` (ResNets only; taken from the keras cache,
-            downloaded only when the network is reachable) or a local ``.h5`` /
+            downloaded only with KPNET_ALLOW_DOWNLOAD=1) or a local ``.h5`` /
             ``.weights.h5`` file holding the backbone's weights.
 
     Raises:
@@ -113,10 +111,11 @@ def resolve_weights(name: str, weights: str | os.PathLike | None) -> str | None:
         cached = imagenet_cache_path(name)
         if cached.is_file():
             return str(cached)
-        if not _can_download():
+        if os.environ.get("KPNET_ALLOW_DOWNLOAD") != "1":
             raise BackboneWeightsError(
-                f"ImageNet weights for {name} are not in the keras cache ({cached}) and the "
-                f"network is unreachable. Download {_weights_file(name)} (keras-applications "
+                f"ImageNet weights for {name} are not in the keras cache ({cached}) and kpnet "
+                "does not download at run time (set KPNET_ALLOW_DOWNLOAD=1 to let Keras "
+                f"fetch them). Download {_weights_file(name)} (keras-applications "
                 f"release) on a connected machine, then either copy it to {cached} or set "
                 f"`model.backbone_weights: /path/to/{_weights_file(name)}` in the recipe "
                 "(backbone_weights= in build_cpn)."
@@ -145,14 +144,6 @@ def _weights_file(name: str) -> str:
     return f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
-def _can_download(timeout: float = 2.0) -> bool:
-    try:
-        with socket.create_connection(_WEIGHTS_HOST, timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _load_into(model: keras.Model, path: str, name: str) -> None:
     try:
         model.load_weights(path)
@@ -171,7 +162,10 @@ def _resnet(name: str, input_tensor, weights: str | None) -> list:
     try:
         trunk = app(include_top=False, weights=weights, input_tensor=x)
     except (OSError, ValueError) as err:
-        raise BackboneWeightsError(f"cannot load backbone weights {weights!r}: {err}") from err
+        raise BackboneWeightsError(
+            f"cannot load backbone weights {weights!r} into {name}: {err}. The file must hold "
+            f"the weights of {name} without its top, e.g. {_weights_file(name)}"
+        ) from err
     return [trunk.get_layer(tap).output for tap in RESNET_TAPS[name]]
 
 
