@@ -2,21 +2,29 @@
 
 Both run in the same process with the same tf.data thread pool (``--cores`` threads, one
 thread per op, OpenCV single-threaded), over the same image files: the decode baseline reads
-and decodes every image of the training records (``tf.io.decode_jpeg``); the pipeline decodes
-each image once (its instance windows only), warps every instance, augments and batches. The
-ratio compares images/s (an image of the pipeline yields all its instances). ``*_cpu_cores``
-is the process CPU time over wall time while timing (the cores actually used); on a shared
-machine ``*_per_cpu_s`` (work per CPU-second) is the steadier comparison.
+and decodes every image of the training records (``tf.io.decode_jpeg``, full resolution);
+the pipeline decodes each image once (its crops' window only, DCT-reduced when all its crops
+shrink it enough, unless ``--no-reduced-decode``), warps every instance, augments and
+batches. An image of the pipeline yields all its instances; for the baseline, instances/s
+counts the instances of the images decoded.
+
+Rates are per CPU-second (process CPU time while timing), which is steady on a shared
+machine; ``*_cpu_cores`` is CPU time over wall time (the cores actually used). Cases are
+timed in turn ``--repeats`` times (decode, then each pipeline variant) and each rate is the
+median; ``*_vs_decode`` is the median of the ratios of the same round.
 
 Usage:
-    python benchmarks/pipeline.py --cores 1 --seconds 10
+    python benchmarks/pipeline.py --cores 1 --seconds 5 --repeats 3
+    python benchmarks/pipeline.py --no-reduced-decode   # full-resolution decodes only
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -26,6 +34,13 @@ import cv2  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_mini"
+OPTIMISATIONS = {
+    "roi_decode": "JPEGs decoded only inside the window of the image's crops",
+    "reduced_decode": "JPEG DCT scaling 1/2, 1/4, 1/8 when every crop shrinks that much",
+    "rgba_warp": "warpAffine on RGBA (OpenCV's 4-channel path, ~2x its 3-channel one)",
+    "one_color_transform": "brightness/contrast/saturation as one cv2.transform per crop",
+    "epoch_batched_geometry": "all affines, colours, keypoints of an epoch in one graph call",
+}
 
 
 def _options(cores: int) -> tf.data.Options:
@@ -35,40 +50,55 @@ def _options(cores: int) -> tf.data.Options:
     return options
 
 
-def _rate(ds: tf.data.Dataset, count, seconds: float) -> tuple[float, float]:
-    """(elements per second, CPU cores used) after a warm-up; ``count`` counts an element."""
-    it = iter(ds)
-    for _ in range(3):
-        next(it)
-    done, start, cpu = 0, time.perf_counter(), time.process_time()
-    while time.perf_counter() - start < seconds:
-        done += count(next(it))
-    wall = time.perf_counter() - start
-    return done / wall, (time.process_time() - cpu) / wall
+class _Timer:
+    """Times a dataset in slices: (images per CPU-second, CPU cores used).
+
+    Each slice gets a fresh iterator (warmed up, then dropped), so no other case's
+    background prefetching runs while one case is timed.
+    """
+
+    def __init__(self, ds: tf.data.Dataset, count):
+        self.ds, self.count = ds, count
+
+    def __call__(self, seconds: float) -> tuple[float, float]:
+        it = iter(self.ds)
+        for _ in range(3):  # warm-up: function instantiation, thread pools, file cache
+            next(it)
+        done, start, cpu = 0, time.perf_counter(), time.process_time()
+        while time.perf_counter() - start < seconds:
+            done += self.count(next(it))
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        del it
+        gc.collect()
+        return done / cpu, cpu / wall
 
 
-def decode_rate(paths: list[str], cores: int, seconds: float) -> tuple[float, float]:
-    """(images/s, cores used) of read + tf.io.decode_jpeg alone."""
+def decode_timer(paths: list[str], cores: int) -> _Timer:
+    """Images of read + tf.io.decode_jpeg alone."""
     ds = tf.data.Dataset.from_tensor_slices(paths).repeat()
     ds = ds.map(lambda p: tf.shape(tf.io.decode_jpeg(tf.io.read_file(p), channels=3))[0],
                 num_parallel_calls=tf.data.AUTOTUNE).batch(32)  # fmt: skip
-    return _rate(ds.prefetch(2).with_options(_options(cores)), lambda b: int(b.shape[0]), seconds)
+    return _Timer(ds.prefetch(2).with_options(_options(cores)), lambda b: int(b.shape[0]))
 
 
-def pipeline_rate(records, spec, config, cores: int, seconds: float, batch: int):
-    """(instances/s, cores used) of the training pipeline."""
+def pipeline_timer(records, spec, config, cores: int, batch: int) -> _Timer:
+    """The training pipeline (instances counted as images: times images per instance)."""
     from kpnet.data.pipeline import build_dataset
 
     ds = build_dataset(records, spec, config, batch, training=True, repeat=True)
-    return _rate(ds.with_options(_options(cores)), lambda b: int(b[0].shape[0]), seconds)
+    per_image = len({r.image_path for r in records}) / len(records)
+    return _Timer(ds.with_options(_options(cores)), lambda b: int(b[0].shape[0]) * per_image)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="coco_mini directory")
     parser.add_argument("--cores", type=int, default=1, help="tf.data threads (and TF threads)")
-    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per case")
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds per timed slice")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of timed slices")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--no-reduced-decode", action="store_true",
+                        help="full-resolution decodes only (reduced_decode=False)")  # fmt: skip
     args = parser.parse_args()
     tf.config.threading.set_inter_op_parallelism_threads(args.cores)
     tf.config.threading.set_intra_op_parallelism_threads(1)
@@ -81,34 +111,41 @@ def main() -> None:
     ann = args.data / "annotations" / "person_keypoints_train2017.json"
     spec, records = load_coco_records(ann, args.data / "train2017")
     paths = sorted({r.image_path for r in records})
-    ratio = len(paths) / len(records)  # images per instance
-    decode, decode_cpu = decode_rate(paths, args.cores, args.seconds)
+    per_image = len(records) / len(paths)  # instances per image
+    reduced = not args.no_reduced_decode
+    no_color = AugmentConfig(brightness=0, contrast=0, saturation=0, hue=0)
+    variants = {"pipeline": PipelineConfig(reduced_decode=reduced)}
+    if reduced:  # the same run without it, for a side-by-side ratio
+        variants["pipeline_full_res_decode"] = PipelineConfig(reduced_decode=False)
+    variants["pipeline_no_color"] = PipelineConfig(augment=no_color, reduced_decode=reduced)
+
+    timers = {"decode": decode_timer(paths, args.cores)}
+    for name, config in variants.items():
+        timers[name] = pipeline_timer(records, spec, config, args.cores, args.batch_size)
+    rounds = [{name: timer(args.seconds) for name, timer in timers.items()}
+              for _ in range(args.repeats)]  # fmt: skip
+
+    def median(fn) -> float:
+        return statistics.median(fn(r) for r in rounds)
+
+    on = {k: v for k, v in OPTIMISATIONS.items() if k != "reduced_decode" or reduced}
     result = {
         "device": "cpu",
         "cores": args.cores,
         "images": len(paths),
         "instances": len(records),
-        "input_size": [256, 192],
-        "decode_images_per_s_per_core": round(decode / args.cores, 1),
-        "decode_cpu_cores": round(decode_cpu, 2),
-        "decode_images_per_cpu_s": round(decode / decode_cpu, 1),
+        "input_size": list(PipelineConfig().input_size),
+        "seconds_x_repeats": [args.seconds, args.repeats],
+        "optimisations_on": on,
     }
-    variants = {
-        "pipeline": PipelineConfig(),
-        "pipeline_no_color": PipelineConfig(
-            augment=AugmentConfig(brightness=0, contrast=0, saturation=0, hue=0)
-        ),
-    }
-    for name, config in variants.items():
-        inst, cpu = pipeline_rate(records, spec, config, args.cores, args.seconds, args.batch_size)
-        result[f"{name}_instances_per_s_per_core"] = round(inst / args.cores, 1)
-        result[f"{name}_images_per_s_per_core"] = round(inst * ratio / args.cores, 1)
-        result[f"{name}_vs_decode_images_ratio"] = round(inst * ratio / decode, 3)
-        result[f"{name}_cpu_cores"] = round(cpu, 2)
-        result[f"{name}_images_per_cpu_s"] = round(inst * ratio / cpu, 1)
-        result[f"{name}_vs_decode_images_per_cpu_s_ratio"] = round(
-            inst * ratio / cpu / (decode / decode_cpu), 3
-        )
+    for name in timers:
+        images = median(lambda r, n=name: r[n][0])
+        result[f"{name}_images_per_cpu_s"] = round(images, 1)
+        result[f"{name}_instances_per_cpu_s"] = round(images * per_image, 1)
+        result[f"{name}_cpu_cores"] = round(median(lambda r, n=name: r[n][1]), 2)
+        if name != "decode":
+            ratio = median(lambda r, n=name: r[n][0] / r["decode"][0])
+            result[f"{name}_vs_decode_images_per_cpu_s"] = round(ratio, 3)
     print(json.dumps(result, indent=2))
 
 

@@ -13,7 +13,7 @@ import tensorflow as tf
 import kpnet  # noqa: F401  (quiet TF logs)
 from kpnet import codec
 from kpnet.data.augment import AugmentConfig, affine_matrices, apply_color, sample_color
-from kpnet.data.pipeline import PipelineConfig, build_dataset
+from kpnet.data.pipeline import PipelineConfig, _decode_ratios, build_dataset
 from kpnet.data.preview import write_preview
 from kpnet.data.records import DataError, InstanceRecord
 from kpnet.spec import KeypointSpec
@@ -127,6 +127,68 @@ def test_warp_matches_opencv_with_roi_jpeg_decode(tmp_path):
     for im, m in zip(images, affines, strict=True):
         ref = cv2.warpAffine(decoded, m, (64, 64), flags=cv2.INTER_LINEAR)
         assert np.abs(im.astype(np.float32) - ref).max() <= 1.0
+
+
+def _blob_jpegs(tmp_path: Path, n: int, size=(600, 800), sigma=5.0) -> list[InstanceRecord]:
+    """JPEGs (4:4:4) with a Gaussian blob in R, G, B at each keypoint; 200x200 boxes."""
+    rng = np.random.default_rng(4)
+    ys, xs = np.mgrid[: size[0], : size[1]]
+    records = []
+    for i in range(n):
+        img = np.zeros((*size, 3))
+        x0, y0 = rng.integers(150, 450), rng.integers(150, 300)
+        kp = np.zeros((3, 3), np.float32)
+        for k in range(3):
+            x, y = x0 + rng.integers(20, 180), y0 + rng.integers(20, 180)
+            img[..., k] += 255 * np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * sigma**2))
+            kp[k] = (x, y, 2)
+        path = tmp_path / f"b{i}.jpg"
+        no_subsampling = [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444]
+        cv2.imwrite(str(path), np.round(img[..., ::-1]).astype(np.uint8), no_subsampling)
+        records.append(InstanceRecord(str(path), (x0, y0, 200.0, 200.0), kp, record_id=i))
+    return records
+
+
+def test_decode_ratio_is_largest_factor_not_upsampled():
+    def m(*lin):
+        return np.array([[[a, b, 5.0], [c, d, 7.0]] for a, b, c, d in lin], np.float32)
+
+    rot = np.array([[np.cos(0.5), np.sin(0.5)], [-np.sin(0.5), np.cos(0.5)]])
+    crops = m((0.5, 0, 0, 0.5), (0.51, 0, 0, 0.2), (-0.25, 0, 0, 0.25), (0.125, 0, 0, 0.1),
+              (*(0.2 * rot).ravel(),), (0.1, 0.0, 0.0, 0.1), (0.1, 0.0, 0.0, 0.1))  # fmt: skip
+    group = tf.range(7)
+    is_jpeg = tf.constant([True, True, True, True, True, False, True])
+    ratios = _decode_ratios(tf.constant(crops), group, is_jpeg).numpy()
+    np.testing.assert_array_equal(ratios, [2, 1, 4, 8, 4, 1, 8])
+    both = _decode_ratios(tf.constant(crops[:2]), tf.constant([0, 0]), tf.constant([True]))
+    np.testing.assert_array_equal(both, [1])  # an image's ratio suits its largest-scale crop
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_reduced_jpeg_decode_keeps_exact_geometry(tmp_path, size):
+    """Crops of 1/8, 1/4, 1/2 resolution decodes (scale ~0.12, 0.25, 0.49) put each blob
+    where the affine says, as full decodes do (a pixel-centre slip would cost 0.25-0.4 px)."""
+    records = _blob_jpegs(tmp_path, 6)
+    for training in (False, True):
+        runs = {}
+        for reduced in (True, False):
+            cfg = PipelineConfig(input_size=(size, size), reduced_decode=reduced,
+                                 augment=AugmentConfig(rotation_prob=1.0, **NO_COLOR))  # fmt: skip
+            ds = build_dataset(records, SPEC, cfg, 4, training, seed=1, with_meta=True)
+            runs[reduced] = _collect(ds)
+        (images, _, affines, index), full = runs[True], runs[False]
+        np.testing.assert_array_equal(affines, full[2])
+        assert not np.array_equal(images, full[0])  # the reduced decode was used
+        errors = []
+        for im, m, i in zip(images, affines, index, strict=True):
+            order = [1, 0, 2] if np.linalg.det(m[:, :2]) < 0 else [0, 1, 2]
+            for j in range(3):
+                target = codec.transform_points(records[i].keypoints[order[j], :2], m)
+                if (target > 3).all() and (target < size - 4).all():
+                    c = order[j]  # weight: how much this channel exceeds the other two
+                    w = np.clip(im[..., c].astype(float) - np.delete(im, c, -1).max(-1), 0, None)
+                    errors.append(np.linalg.norm(_centroid(w) - target))
+        assert len(errors) >= 8 and max(errors) < 0.15
 
 
 def test_eval_box_crop_and_unlabelled_outside(tmp_path):

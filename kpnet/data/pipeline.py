@@ -16,9 +16,13 @@ How it works (per element of the image-level stage):
    the random augmentation (:mod:`kpnet.data.augment`, stateless, keyed by seed, epoch and
    image, so a run is reproducible whatever the parallelism);
 3. JPEGs are decoded only inside the bounding window of all the image's crops
-   (``decode_and_crop_jpeg``); each crop is one bilinear OpenCV ``warpAffine`` of output
-   size (O(output pixels)) followed by the colour jitter, in one ``tf.numpy_function`` per
-   image (OpenCV releases the GIL);
+   (``decode_and_crop_jpeg``), and at 1/2, 1/4 or 1/8 resolution (libjpeg DCT scaling, far
+   cheaper than decoding then shrinking) when every crop of the image shrinks by at least
+   that factor (``reduced_decode``; the matrices are adjusted exactly, reduced pixel j
+   covering full-resolution pixels [r j, r j + r)); then, in one ``tf.numpy_function`` per
+   image (OpenCV releases the GIL), each crop is one bilinear OpenCV ``warpAffine`` of
+   output size (on RGBA: OpenCV's 4-channel path is ~2x faster than its 3-channel one)
+   followed by the colour jitter (one colour transform);
 4. keypoints go through the same matrix (flip permutes them with ``spec.flip_index``),
    points leaving the crop become v = 0 with (x, y) = 0, and are mapped to heatmap
    coordinates with :func:`kpnet.codec.input_to_heatmap`;
@@ -72,6 +76,9 @@ class PipelineConfig:
         augment: :class:`~kpnet.data.augment.AugmentConfig` (or a mapping of its fields).
         shuffle_buffer: instance-level shuffle buffer (after the per-epoch image shuffle).
         fill_value: grey level outside the image.
+        reduced_decode: decode JPEGs at 1/2, 1/4 or 1/8 resolution when all of an image's
+            crops shrink it at least that much (faster, and less aliasing than sampling the
+            full image); False always decodes at full resolution.
     """
 
     input_size: tuple[int, int] = (256, 192)
@@ -82,6 +89,7 @@ class PipelineConfig:
     augment: aug.AugmentConfig = field(default_factory=aug.AugmentConfig)
     shuffle_buffer: int = 256
     fill_value: int = 0
+    reduced_decode: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
@@ -123,38 +131,59 @@ def _record_arrays(records: Sequence[InstanceRecord], spec: KeypointSpec):
     return kps, boxes
 
 
-def _file_problem(path: str) -> str | None:
-    """Why an image file is unusable, or None (cheap: head + tail, decode only if unsure)."""
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # JPEG start-of-frame markers
+
+
+def _jpeg_hw(f) -> tuple[int, int] | None:
+    """(H, W) from a JPEG's start-of-frame segment (seeks over the others), or None."""
+    f.seek(2)
+    while True:
+        marker = f.read(4)
+        if len(marker) < 4 or marker[0] != 0xFF or marker[1] in (0xD9, 0xDA):
+            return None
+        if marker[1] in _SOF:
+            sof = f.read(5)
+            return (int.from_bytes(sof[1:3], "big"), int.from_bytes(sof[3:5], "big"))
+        f.seek(int.from_bytes(marker[2:4], "big") - 2, os.SEEK_CUR)
+
+
+def _inspect(path: str) -> tuple[str | None, tuple[int, int], bool]:
+    """(why the image file is unusable or None, (H, W), is JPEG); cheap: header + tail."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(24)
+            hw = _jpeg_hw(f) if head.startswith(_JPEG) else None
             f.seek(max(size - 12, 0))
             tail = f.read()
     except OSError as err:
-        return f"cannot read the image file ({err.strerror or err})"
+        return f"cannot read the image file ({err.strerror or err})", (0, 0), False
+    is_jpeg = head.startswith(_JPEG)
     if size == 0:
-        return "the image file is empty"
-    if head.startswith(_JPEG):
+        return "the image file is empty", (0, 0), False
+    if is_jpeg:
         ok_end = tail.endswith(b"\xff\xd9")
     elif head.startswith(_PNG):
         ok_end = b"IEND" in tail
+        hw = (int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big"))
     else:
-        return "not a JPEG or PNG file (convert it to one of those)"
-    if not ok_end:  # truncated, or trailing bytes after the end marker: try it
+        return "not a JPEG or PNG file (convert it to one of those)", (0, 0), False
+    if not ok_end or not hw or min(hw) <= 0:  # truncated, or trailing bytes: try it
         try:
-            tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+            image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         except (tf.errors.OpError, ValueError) as err:
-            return f"the image is corrupt or truncated ({err.message.splitlines()[0]})"
-    return None
+            why = err.message.splitlines()[0]
+            return f"the image is corrupt or truncated ({why})", (0, 0), False
+        hw = tuple(int(v) for v in image.shape[:2])
+    return None, hw, is_jpeg
 
 
-def _check_files(records: Sequence[InstanceRecord], on_error: str) -> np.ndarray:
-    """Indices of records whose image file is usable (raises DataError unless skipping)."""
+def _check_files(records: Sequence[InstanceRecord], on_error: str):
+    """(indices of records with a usable image, {path: ((H, W), is JPEG)}); DataError if bad."""
     paths = sorted({r.image_path for r in records})
     with ThreadPoolExecutor(8) as pool:
-        problems = dict(zip(paths, pool.map(_file_problem, paths), strict=True))
-    bad = {p: why for p, why in problems.items() if why}
+        found = dict(zip(paths, pool.map(_inspect, paths), strict=True))
+    bad = {p: why for p, (why, _, _) in found.items() if why}
     if bad and on_error == "raise":
         first = next(r for r in records if r.image_path in bad)
         more = f" ({len(bad) - 1} more bad files)" if len(bad) > 1 else ""
@@ -170,7 +199,7 @@ def _check_files(records: Sequence[InstanceRecord], on_error: str) -> np.ndarray
             len(bad),
             *next(iter(bad.items())),
         )
-    return keep
+    return keep, {p: (hw, jpeg) for p, (why, hw, jpeg) in found.items() if not why}
 
 
 def _group(records: Sequence[InstanceRecord], keep: np.ndarray, consecutive: bool):
@@ -193,67 +222,94 @@ def _group(records: Sequence[InstanceRecord], keep: np.ndarray, consecutive: boo
 
 
 # --------------------------------------------------------------------------- graph helpers
-def _image_hw(contents: tf.Tensor) -> tf.Tensor:
-    """(H, W) int32 from the JPEG / PNG header, without decoding."""
-
-    def png_hw():
-        b = tf.cast(tf.io.decode_raw(tf.strings.substr(contents, 16, 8), tf.uint8), tf.int32)
-        w = b[0] * 2**24 + b[1] * 2**16 + b[2] * 2**8 + b[3]
-        h = b[4] * 2**24 + b[5] * 2**16 + b[6] * 2**8 + b[7]
-        return tf.stack([h, w])
-
-    is_jpeg = tf.strings.substr(contents, 0, 3) == _JPEG
-    return tf.cond(is_jpeg, lambda: tf.image.extract_jpeg_shape(contents)[:2], png_hw)
+def _max_scale(m: tf.Tensor) -> tf.Tensor:
+    """[n] largest singular value of the linear part of [n, 2, 3] affines (crop px / image px)."""
+    lin = m[:, :, :2]
+    sq = tf.reduce_sum(tf.square(lin), [1, 2])
+    det = lin[:, 0, 0] * lin[:, 1, 1] - lin[:, 0, 1] * lin[:, 1, 0]
+    return tf.sqrt(0.5 * (sq + tf.sqrt(tf.maximum(sq * sq - 4 * det * det, 0.0))))
 
 
-def _roi(m: tf.Tensor, hw: tf.Tensor, output_size: Sequence[int]) -> tf.Tensor:
-    """Window [y0, x0, h, w] of the image that all crops [n,2,3] sample from (clipped)."""
+def _decode_ratios(m: tf.Tensor, group: tf.Tensor, is_jpeg: tf.Tensor) -> tf.Tensor:
+    """[G] int32 JPEG reduction r in (1, 2, 4, 8) per image: the largest with every crop's
+    scale <= 1 / r (so the reduced image is never upsampled); 1 for PNG.
+
+    ``m`` [n, 2, 3] crops, ``group`` [n] their (sorted) image index, ``is_jpeg`` [G].
+    """
+    worst = tf.math.segment_max(_max_scale(m), group)
+    ratio = tf.ones_like(worst, tf.int32)
+    for r in (2, 4, 8):
+        ratio = tf.where(worst * r <= 1.0, r, ratio)
+    return tf.where(is_jpeg, ratio, 1)
+
+
+def _windows(m, group, hw, ratio, output_size: Sequence[int]) -> tf.Tensor:
+    """[G, 4] windows [y0, x0, h, w] of each 1/ratio image that its crops sample (clipped).
+
+    Reduced pixel j covers full-resolution pixels [r j, r j + r): its centre is at
+    r j + (r - 1) / 2 (libjpeg DCT scaling), the convention :func:`_crops` uses.
+    """
     out_h, out_w = float(output_size[0]), float(output_size[1])
     corners = tf.constant([[-0.5, -0.5], [out_w - 0.5, -0.5], [-0.5, out_h - 0.5],
                            [out_w - 0.5, out_h - 0.5]])  # fmt: skip
     inv = aug.invert_affines(m)
-    pts = tf.reshape(tf.einsum("nij,cj->nci", inv[:, :, :2], corners) + inv[:, None, :, 2], [-1, 2])
-    lo = tf.cast(tf.floor(tf.reduce_min(pts, 0)), tf.int32) - 1
-    hi = tf.cast(tf.math.ceil(tf.reduce_max(pts, 0)), tf.int32) + 2
-    size_xy = tf.stack([hw[1], hw[0]])
+    pts = tf.einsum("nij,cj->nci", inv[:, :, :2], corners) + inv[:, None, :, 2]  # [n, 4, 2]
+    r = tf.cast(tf.gather(ratio, group), tf.float32)[:, None, None]
+    pts = (pts - (r - 1.0) * 0.5) / r
+    lo = tf.math.segment_min(tf.reduce_min(pts, 1), group)
+    hi = tf.math.segment_max(tf.reduce_max(pts, 1), group)
+    lo = tf.cast(tf.floor(lo), tf.int32) - 1
+    hi = tf.cast(tf.math.ceil(hi), tf.int32) + 2
+    size_xy = (tf.reverse(hw, [1]) + ratio[:, None] - 1) // ratio[:, None]  # ceil(size / r)
     lo = tf.clip_by_value(lo, 0, size_xy - 1)
     hi = tf.clip_by_value(hi, lo + 1, size_xy)
-    return tf.stack([lo[1], lo[0], hi[1] - lo[1], hi[0] - lo[0]])
+    return tf.stack([lo[:, 1], lo[:, 0], hi[:, 1] - lo[:, 1], hi[:, 0] - lo[:, 0]], 1)
 
 
-def _decode_window(contents: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
-    """uint8 RGB pixels of ``window`` = [y0, x0, h, w] (JPEG: only that window is decoded)."""
-    is_jpeg = tf.strings.substr(contents, 0, 3) == _JPEG
+def _decode_window(contents, window, ratio, is_jpeg) -> tf.Tensor:
+    """uint8 RGB pixels of ``window`` = [y0, x0, h, w] of the image decoded at 1 / ``ratio``.
+
+    JPEG: only that window is decoded, DCT-scaled by ``ratio`` (1, 2, 4 or 8); PNG: ratio 1.
+    """
 
     def png():
         img = tf.io.decode_png(contents, channels=3)
         return img[window[0] : window[0] + window[2], window[1] : window[1] + window[3]]
 
-    return tf.cond(
-        is_jpeg, lambda: tf.image.decode_and_crop_jpeg(contents, window, channels=3), png
-    )
+    def jpeg(r):
+        return lambda: tf.image.decode_and_crop_jpeg(contents, window, channels=3, ratio=r)
+
+    index = tf.reduce_sum(tf.cast(ratio >= tf.constant([2, 4, 8]), tf.int32))  # log2(ratio)
+    return tf.cond(is_jpeg, lambda: tf.switch_case(index, [jpeg(r) for r in (1, 2, 4, 8)]), png)
 
 
-def _crops(image, matrices, origin_xy, colors, out_hw, fill_value) -> np.ndarray:
-    """Bilinear crops [n,H,W,3] of ``image`` (top-left at ``origin_xy``), then colour jitter.
+def _crops(image, matrices, origin_xy, ratio, colors, out_hw, fill_value) -> np.ndarray:
+    """Bilinear crops [n,H,W,3] of ``image``, then colour jitter.
 
-    OpenCV's warpAffine has kpnet's pixel-centre convention and costs ~0.3 ms a 256x192 crop
-    (TF's ImageProjectiveTransformV3 ~2.2 ms, as much as decoding the whole image).
+    ``image`` is the window of the 1/``ratio`` image whose top-left pixel is ``origin_xy``
+    (reduced pixels); ``matrices`` map full-resolution image pixels to the crop. OpenCV's
+    warpAffine has kpnet's pixel-centre convention; on RGBA it costs ~0.11 ms a 256x192
+    crop, ~0.25 ms on RGB (TF's ImageProjectiveTransformV3: ~2.2 ms).
     """
     h, w = (int(v) for v in out_hw)
-    out = np.empty((len(matrices), h, w, 3), np.uint8)
-    for i, (m, color) in enumerate(zip(matrices, colors, strict=True)):
-        m = m.astype(np.float64)
-        m[:, 2] += m[:, :2] @ origin_xy.astype(np.float64)  # image -> crop, from the ROI
-        crop = cv2.warpAffine(
-            image,
-            m,
-            (w, h),
-            flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=(int(fill_value),) * 3,
-        )
-        out[i] = aug.apply_color(crop, color)
+    r = float(ratio)
+    m = matrices.astype(np.float64)
+    # window pixel (u, v) is image pixel r * (origin + (u, v)) + (r - 1) / 2
+    m[:, :, 2] += m[:, :, :2] @ (origin_xy.astype(np.float64) * r + (r - 1.0) * 0.5)
+    m[:, :, :2] *= r
+    src = cv2.cvtColor(image, cv2.COLOR_RGB2RGBA)
+    crop = np.empty((h, w, 4), np.uint8)
+    out = np.empty((len(m), h, w, 3), np.uint8)
+    fill = (int(fill_value),) * 4
+    jitter = (colors != [0.0, 1.0, 1.0, 0.0]).any(1)
+    color_m = aug.color_matrices(colors) if jitter.any() else None
+    for i in range(len(m)):
+        cv2.warpAffine(src, m[i], (w, h), crop, cv2.INTER_LINEAR, cv2.BORDER_CONSTANT, fill)
+        cv2.cvtColor(crop, cv2.COLOR_RGBA2RGB, dst=out[i])
+        if jitter[i]:
+            jittered = aug.jitter_color(out[i], color_m[i], colors[i])
+            if jittered is not out[i]:
+                out[i] = jittered
     return out
 
 
@@ -261,12 +317,16 @@ def _crops(image, matrices, origin_xy, colors, out_hw, fill_value) -> np.ndarray
 class _Builder:
     """Holds the constant tables and the graph functions of one dataset."""
 
-    def __init__(self, records, spec, config, training, seed, paths, members, kps, boxes):
+    def __init__(self, records, spec, config, training, seed, paths, members, sizes, kps, boxes):
         self.spec, self.config, self.training, self.seed = spec, config, training, int(seed)
         self.seed_t = tf.constant(self.seed, tf.int64)
         self.paths = tf.constant(paths)
+        self.is_jpeg = tf.constant([sizes[p][1] for p in paths])
+        self.hw = tf.constant(np.array([sizes[p][0] for p in paths], np.int32).reshape(-1, 2))
         self.flat_members = tf.constant(np.concatenate(members).astype(np.int64))
-        self.splits = tf.constant(np.cumsum([0] + [len(m) for m in members]), tf.int64)
+        counts = [len(m) for m in members]
+        self.member_group = tf.constant(np.repeat(np.arange(len(members)), counts))
+        self.splits = tf.constant(np.cumsum([0, *counts]), tf.int64)
         self.num_groups, self.num_records = len(paths), len(records)
         self.keypoints = tf.constant(kps)
         self.boxes = tf.constant(boxes)
@@ -285,16 +345,15 @@ class _Builder:
         self.albu = aug.AlbumentationsOp(a.photometric) if a.photometric else None
 
     # -- geometry ---------------------------------------------------------------------
-    def _whole(self, hw: tf.Tensor, n: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        hwf = tf.cast(hw, tf.float32)
-        center = tf.stack([(hwf[1] - 1) * 0.5, (hwf[0] - 1) * 0.5])
-        size = aug.aspect_fit(tf.stack([hwf[1], hwf[0]]), self.config.aspect_ratio)
-        return tf.tile(center[None], [n, 1]), tf.tile(size[None], [n, 1])
+    def _whole(self, hw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """(center, size) [n, 2] of whole images of sizes ``hw`` [n, 2], letterboxed."""
+        wh = tf.cast(tf.reverse(hw, [1]), tf.float32)
+        return (wh - 1) * 0.5, aug.aspect_fit(wh, self.config.aspect_ratio)
 
     def _random_window(self, box: tf.Tensor, hw: tf.Tensor, seed: tf.Tensor):
         """Random windows [n] (center, size) containing each box, inside the image if possible."""
         n = tf.shape(box)[0]
-        full_c, full_s = self._whole(hw, n)
+        full_c, full_s = self._whole(hw)
         box_s = aug.aspect_fit(box[:, 2:] * self.config.padding, self.config.aspect_ratio)
         u = tf.random.stateless_uniform(tf.stack([n, 3]), seed=seed)
         size = box_s + u[:, :1] * tf.maximum(full_s - box_s, 0.0)
@@ -306,7 +365,7 @@ class _Builder:
         return lo + u[:, 1:] * (hi - lo), size
 
     def matrices(self, idx: tf.Tensor, hw: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-        """[n, 2, 3] image -> crop matrices of records ``idx`` in an image of size ``hw``."""
+        """[n, 2, 3] image -> crop matrices of records ``idx`` in images of sizes ``hw`` [n, 2]."""
         cfg, n = self.config, tf.shape(idx)[0]
         seeds = tf.random.experimental.stateless_split(seed, 2)
         if cfg.mode == "topdown":
@@ -316,7 +375,7 @@ class _Builder:
         elif cfg.mode == "random_crop" and self.training:
             center, size = self._random_window(tf.gather(self.boxes, idx), hw, seeds[1])
         else:
-            center, size = self._whole(hw, n)
+            center, size = self._whole(hw)
         if not self.training:
             return aug.affine_matrices(center, size, tf.zeros([n]), tf.zeros([n], tf.bool),
                                        cfg.input_size)  # fmt: skip
@@ -345,27 +404,38 @@ class _Builder:
         return tf.concat([hm, tf.where(inside, v, 0.0)[..., None]], axis=-1)
 
     # -- stages -----------------------------------------------------------------------
-    def load(self, epoch: tf.Tensor, group: tf.Tensor):
-        """One image: read, decode the ROI once, warp all its instances."""
-        idx = self.flat_members[self.splits[group] : self.splits[group + 1]]
-        contents = tf.io.read_file(self.paths[group])
-        hw = _image_hw(contents)
-        key = epoch * self.num_groups + group
-        seeds = tf.random.experimental.stateless_split(tf.stack([self.seed_t, key]), 2)
-        m = self.matrices(idx, hw, seeds[0])
+    def epoch_tables(self, epoch: tf.Tensor, order: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        """Everything random and geometric of one epoch, for ALL instances in a few batched
+        ops, per image in ``order``: (epoch, path, is JPEG, decode ratio, window, matrices,
+        colours, keypoints, record indices), the last four ragged [G, None, ...]."""
+        idx, group = self.flat_members, self.member_group
         n = tf.shape(idx)[0]
+        seeds = tf.random.experimental.stateless_split(tf.stack([self.seed_t, epoch]), 2)
+        m = self.matrices(idx, tf.gather(self.hw, group), seeds[0])
         if self.training:
             colors = aug.sample_color(self.config.augment, seeds[1], n)
         else:
             colors = tf.tile(tf.constant([[0.0, 1.0, 1.0, 0.0]]), tf.stack([n, 1]))
-        window = _roi(m, hw, self.config.input_size)
-        image = _decode_window(contents, window)
+        if self.config.reduced_decode:
+            ratio = _decode_ratios(m, group, self.is_jpeg)
+        else:
+            ratio = tf.ones([self.num_groups], tf.int32)
+        window = _windows(m, group, self.hw, ratio, self.config.input_size)
+        per_instance = [tf.RaggedTensor.from_row_splits(t, self.splits, validate=False)
+                        for t in (m, colors, self.keypoints_out(idx, m), idx)]  # fmt: skip
+        per_image = [self.paths, self.is_jpeg, ratio, window, *per_instance]
+        return (tf.fill(tf.shape(order), epoch), *(tf.gather(t, order) for t in per_image))
+
+    def load(self, epoch, path, is_jpeg, ratio, window, m, colors, keypoints, idx):
+        """One image: read, decode its window once, warp and jitter all its instances."""
+        image = _decode_window(tf.io.read_file(path), window, ratio, is_jpeg)
         crop_fn = functools.partial(_crops, out_hw=self.config.input_size,
                                     fill_value=self.config.fill_value)  # fmt: skip
         origin = tf.cast(tf.stack([window[1], window[0]]), tf.float32)
-        crops = tf.numpy_function(crop_fn, [image, m, origin, colors], tf.uint8, stateful=False)
+        crops = tf.numpy_function(crop_fn, [image, m, origin, ratio, colors], tf.uint8,
+                                  stateful=False)  # fmt: skip
         crops = tf.ensure_shape(crops, [None, *self.config.input_size, 3])
-        return crops, self.keypoints_out(idx, m), m, idx, tf.fill([n], epoch)
+        return crops, keypoints, m, idx, tf.fill(tf.shape(idx), epoch)
 
     def albumentations(self, image, keypoints, m, idx, epoch):
         """The configured albumentations on one uint8 crop, seeded per record and epoch."""
@@ -373,7 +443,7 @@ class _Builder:
         return image, keypoints, m, idx, epoch
 
     def epochs(self, shuffle: bool, repeat: bool) -> tf.data.Dataset:
-        """(epoch, group) pairs; groups permuted per epoch (stateless) when shuffling."""
+        """Per image :meth:`epoch_tables`; images permuted per epoch (stateless) if shuffling."""
         g = self.num_groups
 
         def one_epoch(e):
@@ -381,7 +451,7 @@ class _Builder:
             if shuffle:
                 u = tf.random.stateless_uniform([g], seed=tf.stack([self.seed + 2, e]))
                 order = tf.gather(order, tf.argsort(u))
-            return tf.data.Dataset.from_tensor_slices(order).map(lambda i: (e, i))
+            return tf.data.Dataset.from_tensor_slices(self.epoch_tables(e, order))
 
         if repeat:
             return tf.data.Dataset.counter().flat_map(one_epoch)
@@ -440,7 +510,8 @@ def build_dataset(
     shuffle = training if shuffle is None else bool(shuffle)
     drop_remainder = training if drop_remainder is None else bool(drop_remainder)
     kps, boxes = _record_arrays(records, spec)
-    paths, members = _group(records, _check_files(records, on_error), consecutive=not shuffle)
+    keep, sizes = _check_files(records, on_error)
+    paths, members = _group(records, keep, consecutive=not shuffle)
     if not paths:
         raise DataError("build_dataset: every record's image file is unusable")
     if input_context is not None:
@@ -452,7 +523,7 @@ def build_dataset(
             f"build_dataset: {sum(map(len, members))} instances are fewer than one batch of "
             f"{batch_size} with drop_remainder; lower the batch size or pass repeat=True"
         )
-    b = _Builder(records, spec, config, training, seed, paths, members, kps, boxes)
+    b = _Builder(records, spec, config, training, seed, paths, members, sizes, kps, boxes)
     ds = b.epochs(shuffle, repeat).map(b.load, num_parallel_calls=AUTOTUNE, deterministic=True)
     if on_error == "skip":
         ds = ds.ignore_errors(log_warning=True)
