@@ -187,13 +187,13 @@ class PixelOHKMLoss(_HeatmapLoss):
     def call(self, y_true, y_pred):
         keypoints, heatmaps = self._inputs(y_true, y_pred)
         target = self._render(keypoints, heatmaps)
-        b = ops.shape(heatmaps)[0]
-        err = ops.reshape(ops.square(heatmaps - target), (b, -1))  # [B, N]
-        n = self.num_hard(int(err.shape[-1]))
+        num_pixels = math.prod(int(d) for d in heatmaps.shape[1:])  # static H*W*C
+        err = ops.reshape(ops.square(heatmaps - target), (-1, num_pixels))  # [B, N]
+        n = self.num_hard(num_pixels)
         if self.positive_threshold is None:
             hardest, _ = ops.top_k(err, n, sorted=False)
             return ops.mean(hardest, axis=-1)
-        pos = ops.cast(ops.reshape(target, (b, -1)) >= self.positive_threshold, "float32")
+        pos = ops.cast(ops.reshape(target, (-1, num_pixels)) >= self.positive_threshold, "float32")
         hardest, _ = ops.top_k(err * (1.0 - pos), n, sorted=False)
         n_neg = ops.minimum(float(n), ops.sum(1.0 - pos, axis=-1))
         total = ops.sum(err * pos, axis=-1) + ops.sum(hardest, axis=-1)

@@ -140,7 +140,7 @@ def make_strategy(kind: str = "auto") -> tf.distribute.Strategy:
     """
     if kind == "multi_worker" or (kind == "auto" and os.environ.get("TF_CONFIG")):
         # before anything lists devices: collectives must be configured at startup
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return MultiWorkerStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if kind == "auto":
         if len(gpus) <= 1:
@@ -150,6 +150,33 @@ def make_strategy(kind: str = "auto") -> tf.distribute.Strategy:
         devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
         return tf.distribute.MirroredStrategy(devices)
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+
+
+class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """``MultiWorkerMirroredStrategy`` whose ``reduce`` also takes a nest of per-replica values.
+
+    Keras 3 (3.15) ``fit`` / ``evaluate`` first call ``strategy.reduce("MEAN", batch,
+    axis=None)`` on the whole first ``(images, {name: keypoints})`` batch, only to read its
+    shapes and dtypes for building the loss trackers. tf.distribute's ``reduce`` takes one
+    value, not a nest: ``MirroredStrategy`` and single-worker runs happen to pass the nest
+    through, but with two or more workers the collective reduce converts the tuple to a
+    tensor and fails (``ValueError`` in ``convert_to_eager_tensor``). Here a nest gets each
+    leaf's local value (same shapes and dtypes on every worker, no network traffic); single
+    values are reduced as usual.
+    """
+
+    def reduce(self, reduce_op, value, axis):
+        if isinstance(value, (tuple, list, dict)):
+            return tf.nest.map_structure(self._local_value, value)
+        if axis is not None and getattr(value, "shape", None) is not None:
+            if value.shape.rank == 0:  # a scalar log: average over the replicas only
+                axis = None
+        return super().reduce(reduce_op, value, axis)
+
+    def _local_value(self, value):
+        if isinstance(value, tf.distribute.DistributedValues):
+            return self.experimental_local_results(value)[0]
+        return value
 
 
 def _is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -453,6 +480,22 @@ def configure_phase(
         pixel_ratio=lo.pixel_ratio,
     )
     model.compile(optimizer=_optimizer(recipe, schedule), loss=losses, loss_weights=weights)
+    if not tf.distribute.has_strategy():
+        _build_loss_trackers(model, spec)
+
+
+def _build_loss_trackers(model: keras.Model, spec: KeypointSpec) -> None:
+    """Create the compiled per-output loss trackers now, on one blank batch.
+
+    Without a strategy Keras 3 creates them while tracing the first train step, and a
+    ``tf.function`` that creates variables is traced twice (about half the start-up time of a
+    short run). Under a strategy Keras builds them itself before tracing.
+    """
+    images = np.zeros((1, *model.input_shape[1:]), "float32")
+    keypoints = np.zeros((1, spec.num_keypoints, 3), "float32")
+    y_pred = model(images, training=False)
+    model.compute_loss(x=images, y={n: keypoints for n in OUTPUT_NAMES}, y_pred=y_pred)
+    model.reset_metrics()
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -534,7 +577,7 @@ def fit(recipe: Recipe, output_dir: str | Path) -> dict[str, Any]:
 
 def _fit(recipe: Recipe, out: Path, strategy: tf.distribute.Strategy) -> dict[str, Any]:
     chief = _is_chief(strategy)
-    if not chief:
+    if not chief:  # every worker saves (saving may sync variables); only the chief's count
         out = out / ".workers" / f"worker-{strategy.cluster_resolver.task_id}"
     out.mkdir(parents=True, exist_ok=True)
     recipe.save(out / "recipe.resolved.yaml")
@@ -576,7 +619,22 @@ def _fit(recipe: Recipe, out: Path, strategy: tf.distribute.Strategy) -> dict[st
     result["seconds"] = round(seconds, 1)
     if chief:
         result.update(_finalize(run, val))
+    else:
+        _drop_worker_copies(out)
     return result
+
+
+def _drop_worker_copies(out: Path) -> None:
+    """Delete a non-chief worker's model copies and logs; its backup and history stay.
+
+    Like the temporary folders of TF's multi-worker guide, except that the backup is kept
+    so a rerun resumes this worker at the same epoch as the chief.
+    """
+    import shutil
+
+    for name in ("best.keras", "last.keras"):
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "logs", ignore_errors=True)
 
 
 def _train_phases(run: _Run, model, train_ds, backup, initial: int) -> None:
@@ -636,17 +694,10 @@ def _callbacks(run: _Run, phase: Phase) -> list[keras.callbacks.Callback]:
         ),
         GuardedCheckpoint(str(out / "last.keras"), run.guard),
         keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
+        keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False),
         Backup(out / "backup", phase.index, run.guard, t.backup_every_steps),
     ]  # fmt: skip
-    if _has_tensorboard():
-        cbs.insert(-1, keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False))
     return cbs
-
-
-def _has_tensorboard() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("tensorboard") is not None
 
 
 def _nan_error(run: _Run) -> TrainingError:

@@ -229,3 +229,18 @@ def test_build_losses_weights_and_types():
 def test_heatmaps_as_targets_give_clear_error():
     with pytest.raises(ValueError, match=r"keypoints \[B, K, 3\]"):
         OHKMLoss()(np.zeros((1, H, W, 2), np.float32), np.zeros((1, H, W, 2), np.float32))
+
+
+def test_pixel_loss_traces_with_unknown_batch_size():
+    """Inside model.fit the batch dimension is unknown: the loss must still trace."""
+    loss = PixelOHKMLoss(ratio=0.1, sigma=1.4, channels=[0, 0])
+    fn = tf.function(
+        loss,
+        input_signature=[
+            tf.TensorSpec([None, 2, 3], tf.float32),
+            tf.TensorSpec([None, 16, 12, 1], tf.float32),
+        ],
+    )
+    kp = np.array([[[4.0, 5.0, 2.0], [8.0, 9.0, 2.0]]], "float32")
+    pred = np.zeros((1, 16, 12, 1), "float32")
+    np.testing.assert_allclose(float(fn(kp, pred)), float(loss(kp, pred)), rtol=1e-6)

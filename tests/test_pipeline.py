@@ -13,7 +13,7 @@ import tensorflow as tf
 import kpnet  # noqa: F401  (quiet TF logs)
 from kpnet import codec
 from kpnet.data.augment import AugmentConfig, affine_matrices, apply_color, sample_color
-from kpnet.data.pipeline import PipelineConfig, _decode_ratios, build_dataset
+from kpnet.data.pipeline import PipelineConfig, _decode_ratios, _inspect, build_dataset
 from kpnet.data.preview import write_preview
 from kpnet.data.records import DataError, InstanceRecord
 from kpnet.spec import KeypointSpec
@@ -147,6 +147,24 @@ def _blob_jpegs(tmp_path: Path, n: int, size=(600, 800), sigma=5.0) -> list[Inst
         cv2.imwrite(str(path), np.round(img[..., ::-1]).astype(np.uint8), no_subsampling)
         records.append(InstanceRecord(str(path), (x0, y0, 200.0, 200.0), kp, record_id=i))
     return records
+
+
+def test_image_sizes_from_headers_match_decoder(tmp_path):
+    img = np.zeros((37, 53, 3), np.uint8)
+    files = {"p.png": [], "b.jpg": [], "prog.jpg": [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]}
+    for name, params in files.items():
+        cv2.imwrite(str(tmp_path / name), img, params)
+    with_app = tmp_path / "app.jpg"  # an extra APP segment before the frame header
+    data = (tmp_path / "b.jpg").read_bytes()
+    with_app.write_bytes(data[:2] + b"\xff\xe5\x00\x06abcd" + data[2:])
+    paths = [tmp_path / n for n in files] + [with_app]
+    coco = DATA / "coco_mini" / "train2017"
+    paths += sorted(coco.glob("*.jpg"))[:20] if coco.exists() else []
+    for path in paths:
+        why, hw, is_jpeg = _inspect(str(path))
+        decoded = tf.io.decode_image(tf.io.read_file(str(path)), channels=3)
+        assert why is None and hw == tuple(decoded.shape[:2]), path
+        assert is_jpeg == (path.suffix == ".jpg")
 
 
 def test_decode_ratio_is_largest_factor_not_upsampled():

@@ -148,6 +148,9 @@ def _jpeg_hw(f) -> tuple[int, int] | None:
         marker = f.read(4)
         if len(marker) < 4 or marker[0] != 0xFF or marker[1] in (0xD9, 0xDA):
             return None
+        if marker[1] == 0xFF:  # fill byte
+            f.seek(-3, os.SEEK_CUR)
+            continue
         if marker[1] in _SOF:
             sof = f.read(5)
             return (int.from_bytes(sof[1:3], "big"), int.from_bytes(sof[3:5], "big"))
