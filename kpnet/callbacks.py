@@ -91,7 +91,9 @@ class Backup(keras.callbacks.Callback):
         self.model.save_weights(tmp, overwrite=True)
         tmp.replace(self.dir / BACKUP_WEIGHTS)
         meta = {"epoch": completed_epochs, "phase": self.phase}
-        (self.dir / BACKUP_META).write_text(json.dumps(meta))
+        tmp_meta = self.dir / ("tmp-" + BACKUP_META)
+        tmp_meta.write_text(json.dumps(meta))
+        tmp_meta.replace(self.dir / BACKUP_META)  # atomic: a kill -9 never leaves half a file
 
 
 def read_backup(backup_dir: Path) -> dict[str, Any] | None:

@@ -16,7 +16,14 @@ Distribution: ``train.batch_size`` is the GLOBAL batch; each of R replicas gets
 ``batch_size / R`` and gradients are averaged over the global batch (Keras 3 scales each
 replica's loss by ``1 / R``; tf-cpn summed them). When you grow the global batch, scale the
 learning rate with the linear rule ``lr * batch_size / base_batch_size`` yourself or set
-``train.lr_scaling: linear``.
+``train.lr_scaling: linear``. With ``TF_CONFIG`` set (one process per worker, same command
+and output folder) training runs under :class:`MultiWorkerStrategy`: the chief (``chief``
+task, else worker 0) writes the output folder; every other worker writes
+``.workers/worker-<i>/`` there, whose backup and history let a rerun resume it in step.
+
+Resuming: the backup is written atomically after every epoch (and every
+``train.backup_every_steps``), so a process killed at any point (even ``kill -9``) loses at
+most the epoch it was in.
 
 Precision: ``mixed_float16`` trains with a dynamic ``LossScaleOptimizer``;
 ``mixed_bfloat16`` needs no loss scaling. The model's heads and the losses stay float32.
@@ -481,16 +488,17 @@ def configure_phase(
     )
     model.compile(optimizer=_optimizer(recipe, schedule), loss=losses, loss_weights=weights)
     if not tf.distribute.has_strategy():
-        _build_loss_trackers(model, spec)
+        _build_training_state(model, spec)
 
 
-def _build_loss_trackers(model: keras.Model, spec: KeypointSpec) -> None:
-    """Create the compiled per-output loss trackers now, on one blank batch.
+def _build_training_state(model: keras.Model, spec: KeypointSpec) -> None:
+    """Create the optimizer variables and the per-output loss trackers now.
 
     Without a strategy Keras 3 creates them while tracing the first train step, and a
     ``tf.function`` that creates variables is traced twice (about half the start-up time of a
     short run). Under a strategy Keras builds them itself before tracing.
     """
+    model.optimizer.build(model.trainable_variables)
     images = np.zeros((1, *model.input_shape[1:]), "float32")
     keypoints = np.zeros((1, spec.num_keypoints, 3), "float32")
     y_pred = model(images, training=False)
@@ -525,10 +533,13 @@ def _evaluator(recipe: Recipe, spec: KeypointSpec, records, config):
         _log("kpnet.inference is not available: monitoring the validation loss")
         return None
     e = recipe.evaluation
+    built: list[tuple[keras.Model, keras.Model]] = []  # reused: one predict trace per model
 
     def evaluate(heatmap_model: keras.Model) -> dict[str, Any]:
+        if not built or built[0][0] is not heatmap_model:
+            built[:] = [(heatmap_model, _keypoints_model(heatmap_model, recipe, spec))]
         return evaluate_model(
-            _keypoints_model(heatmap_model, recipe, spec),
+            built[0][1],
             records,
             spec,
             config,
@@ -675,7 +686,8 @@ def _restore(model, run: _Run, phases: list[Phase], backup: dict, names: set[str
             "freeze_backbone_epochs; use a new output folder or delete that backup"
         )
     configure_phase(model, run.recipe, run.spec, phase, run.steps_per_epoch, names)
-    model.optimizer.build(model.trainable_variables)
+    if not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
     model.load_weights(backup["weights"])
     _log(f"resuming from {run.out / 'backup'} after epoch {backup['epoch']}")
     return phase
@@ -826,6 +838,7 @@ def _final_metrics(run: _Run, model: keras.Model, val: list[InstanceRecord]) -> 
 
 __all__ = [
     "EpochSchedule",
+    "MultiWorkerStrategy",
     "Phase",
     "TrainingError",
     "backbone_layer_names",

@@ -1,9 +1,15 @@
-"""End-to-end ``kpnet fit`` on tiny synthetic data: outputs, resume, NaN stop, precisions."""
+"""End-to-end ``kpnet fit`` on tiny synthetic data: outputs, resume, kill -9, NaN, precisions."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 
 import keras
@@ -52,6 +58,8 @@ def test_fit_writes_outputs_resumes_and_stops_on_nan(tmp_path, tiny):
     assert first.exit_code == 0, first.output
     for name in OUTPUTS:
         assert (out / name).is_file(), name
+    for part in ("train", "validation"):  # TensorBoard
+        assert list((out / "logs" / part).glob("events.out.tfevents.*")), part
     model = keras.saving.load_model(out / "best.keras", safe_mode=True)
     assert set(model.output) == {"global_p2", "global_p3", "global_p4", "global_p5", "refine"}
     metrics = json.loads((out / "metrics.json").read_text())
@@ -59,21 +67,15 @@ def test_fit_writes_outputs_resumes_and_stops_on_nan(tmp_path, tiny):
     assert len(json.loads((out / "spec.json").read_text())["names"]) == 2
     assert [r["epoch"] for r in _history(out)] == ["0"]
 
-    second = _fit_cli(out, [*tiny, "train.epochs=2"])  # same folder: resume at epoch 2
-    assert second.exit_code == 0, second.output
-    assert "resuming" in second.output and "after epoch 1" in second.output
-    rows = _history(out)
-    assert [r["epoch"] for r in rows] == ["0", "1"] and "val_px_mean" in rows[1]
-    assert json.loads((out / "backup" / "training_metadata.json").read_text())["epoch"] == 2
-
     last_bytes = (out / "last.keras").read_bytes()
-    nan = _fit_cli(out, [*tiny, "train.epochs=3", "train.lr=1e30"])
+    nan = _fit_cli(out, [*tiny, "train.epochs=2", "train.lr=1e30"])  # resumes, then NaN
     assert nan.exit_code == 2
-    assert "NaN" in nan.output and "epoch 3" in nan.output and "Traceback" not in nan.output
+    assert "resuming" in nan.output and "after epoch 1" in nan.output
+    assert "NaN" in nan.output and "epoch 2" in nan.output and "Traceback" not in nan.output
     assert (out / "last.keras").read_bytes() == last_bytes  # last good checkpoint kept
-    assert json.loads((out / "backup" / "training_metadata.json").read_text())["epoch"] == 2
+    assert json.loads((out / "backup" / "training_metadata.json").read_text())["epoch"] == 1
     rows = _history(out)  # the NaN epoch is logged for the record; a resume drops it
-    assert [r["epoch"] for r in rows] == ["0", "1", "2"] and rows[2]["loss"] == "nan"
+    assert [r["epoch"] for r in rows] == ["0", "1"] and rows[1]["loss"] == "nan"
 
 
 def test_cli_reports_recipe_errors_without_traceback(tmp_path, tiny):
@@ -83,6 +85,49 @@ def test_cli_reports_recipe_errors_without_traceback(tmp_path, tiny):
     assert "Traceback" not in result.output
     missing = _fit_cli(tmp_path / "y", ["data.source=dlc", f"data.dlc.project={tmp_path}/nope"])
     assert missing.exit_code == 2 and "data.dlc.project: file not found" in missing.output
+
+
+KILLED_FIT = textwrap.dedent("""
+    import sys
+    from kpnet.cli import main
+    main(["fit", sys.argv[1], "-o", sys.argv[2], *sys.argv[3:]])
+""")
+
+
+@pytest.mark.slow  # about 45 s on 2 cores
+def test_kill_9_mid_epoch_loses_at_most_that_epoch(tmp_path, tiny):
+    """SIGKILL during epoch 2: the same command resumes at epoch 2, epoch 1 is untouched."""
+    out = tmp_path / "killed"
+    overrides = [*tiny, "train.epochs=2", "export.keypoints_model=false"]
+    args = [arg for item in overrides for arg in ("--set", item)]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_FIT, str(QUICKSTART), str(out), *args], cwd=REPO,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )  # fmt: skip
+    meta = out / "backup" / "training_metadata.json"
+    deadline = time.monotonic() + 300
+    try:  # epoch 1's backup is the last thing written before epoch 2 starts
+        while not (meta.is_file() and json.loads(meta.read_text() or "{}").get("epoch") == 1):
+            assert proc.poll() is None, "fit ended before epoch 1's backup appeared"
+            assert time.monotonic() < deadline, "no backup after 300 s"
+            time.sleep(0.02)
+        time.sleep(0.3)  # inside epoch 2
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert json.loads(meta.read_text())["epoch"] == 1  # killed before epoch 2 ended
+    before = _history(out)
+    assert [r["epoch"] for r in before] == ["0"]
+
+    again = _fit_cli(out, overrides)  # the same command resumes at epoch 2
+    assert again.exit_code == 0, again.output
+    assert "resuming" in again.output and "after epoch 1" in again.output
+    rows = _history(out)
+    assert [r["epoch"] for r in rows] == ["0", "1"] and rows[0] == before[0]
+    assert float(rows[1]["val_px_mean"]) > 0
+    assert json.loads(meta.read_text())["epoch"] == 2
 
 
 @pytest.mark.slow
