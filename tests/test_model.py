@@ -13,6 +13,7 @@ from kpnet.codec import OUTPUT_NAMES
 from kpnet.models import BackboneWeightsError, build_backbone, build_cpn, retarget
 from kpnet.models import backbones as backbones_module
 from kpnet.models.backbones import Preprocess, imagenet_cache_path
+from kpnet.models.cpn import HEAD_BN_SCALE
 from kpnet.models.retarget import infer_architecture, transfer_weights
 
 
@@ -180,7 +181,7 @@ def test_retarget_17_to_5_keeps_trunk_and_reinitialises_heads():
     assert set(report.reinitialized) == HEADS and not report.missing
     assert len(report.loaded) + len(HEADS) == sum(1 for la in target.layers if la.weights)
     head = target.get_layer("refine_head_bn").get_weights()
-    np.testing.assert_array_equal(head[0], np.ones(5))  # fresh gamma, not the source's
+    np.testing.assert_allclose(head[0], np.full(5, HEAD_BN_SCALE), rtol=1e-6)  # fresh gamma
     assert "re-initialised (shape mismatch): 10 layers" in report.summary()
 
 
