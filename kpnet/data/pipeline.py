@@ -547,6 +547,9 @@ def build_dataset(
         ds = ds.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
                   deterministic=True)  # fmt: skip
+    if not repeat and on_error == "raise":  # known length: Keras sizes epochs without warnings
+        ds = ds.apply(tf.data.experimental.assert_cardinality(
+            _num_batches(sum(map(len, members)), batch_size, drop_remainder)))  # fmt: skip
     if with_meta:
         ds = ds.map(lambda im, kp, m, i, e: (im, kp, {"affine": m, "index": i}))
     else:
@@ -559,3 +562,8 @@ def build_dataset(
         else tf.data.experimental.AutoShardPolicy.DATA
     )
     return ds.prefetch(AUTOTUNE).with_options(options)
+
+
+def _num_batches(num_samples: int, batch_size: int, drop_remainder: bool) -> int:
+    """Batches in one pass over ``num_samples``."""
+    return num_samples // batch_size if drop_remainder else -(-num_samples // batch_size)
