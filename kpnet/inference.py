@@ -195,7 +195,7 @@ def load_model(path: str | Path, spec: KeypointSpec | dict | None = None, **opti
     if not path.is_file():
         raise FileNotFoundError(f"load_model: no model file at {path}")
     _register_model_layers()
-    model = keras.saving.load_model(path, safe_mode=True)
+    model = keras.saving.load_model(path, compile=False, safe_mode=True)  # inference only
     decoders = [layer for layer in model.layers if isinstance(layer, KeypointDecoder)]
     if decoders:
         if not options:
