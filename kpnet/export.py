@@ -36,7 +36,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
-from kpnet.inference import KeypointDecoder, load_model
+from kpnet.inference import KeypointDecoder, load_model, with_heatmaps
 from kpnet.spec import KeypointSpec, SpecError
 
 #: Box padding of the evaluation crops (tf-cpn: 0.1 / 0.15 per side).
@@ -108,7 +108,7 @@ class KeypointServingModule(tf.Module):
         padding: Sequence[float] = DEFAULT_PADDING,
     ) -> None:
         super().__init__(name="kpnet_serving")
-        model = _with_heatmaps(keypoints_model)
+        model = with_heatmaps(keypoints_model)
         # Track only the variables: tracking the Keras model makes saving trace its own
         # functions again (3x slower) and stores nothing the signatures need.
         self.model_variables = [getattr(v, "value", v) for v in model.variables]
@@ -220,13 +220,6 @@ def _model_spec(model: keras.Model) -> KeypointSpec:
     if not decoders:
         raise SpecError(f"model {model.name!r} holds no keypoint spec; pass spec=...")
     return decoders[0].spec
-
-
-def _with_heatmaps(model: keras.Model) -> keras.Model:
-    """The keypoints model with a third output ``heatmaps``: the decoder's input."""
-    decoder = _decoders(model)[0]
-    outputs = {"keypoints": model.output["keypoints"], "scores": model.output["scores"]}
-    return keras.Model(model.inputs, {**outputs, "heatmaps": decoder.input}, name="serving")
 
 
 def _input_size(model: keras.Model, input_size: Sequence[int] | None) -> tuple[int, int]:

@@ -182,6 +182,18 @@ def build_keypoints_model(
     return keras.Model(images, decoder(heatmaps), name="keypoints")
 
 
+def with_heatmaps(keypoints_model: keras.Model) -> keras.Model:
+    """The keypoints model with a third output ``heatmaps`` (the decoder's input).
+
+    Used by ``kpnet predict --heatmaps`` and the SavedModel ``crops`` signature.
+    """
+    decoder = next(la for la in keypoints_model.layers if isinstance(la, KeypointDecoder))
+    outputs = {k: keypoints_model.output[k] for k in ("keypoints", "scores")}
+    return keras.Model(
+        keypoints_model.inputs, {**outputs, "heatmaps": decoder.input}, name="with_heatmaps"
+    )
+
+
 def load_model(path: str | Path, spec: KeypointSpec | dict | None = None, **options: Any):
     """Load a keypoints model, or a heatmap model and wrap it (see build_keypoints_model).
 

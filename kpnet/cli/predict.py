@@ -257,6 +257,8 @@ def run_topdown(
 ) -> Iterator[list[Instance]]:
     """Fill ``keypoints`` (image px) and ``scores`` of instances, yielding them image by image
     group (about ``batch_size`` crops each); ``keep_crops`` also keeps crops and heatmaps."""
+    from kpnet.inference import with_heatmaps
+
     model = with_heatmaps(keypoints_model) if keep_crops else keypoints_model
     input_size = tuple(int(v) for v in keypoints_model.inputs[0].shape[1:3])
     by_image: dict[int, list[Instance]] = {}
@@ -288,17 +290,6 @@ def _predict(model, instances, crops, matrices, batch_size, keep_crops) -> list[
         if keep_crops:
             inst.crop, inst.heatmaps = crops[i], np.asarray(out["heatmaps"][i])
     return list(instances)
-
-
-def with_heatmaps(keypoints_model):
-    """The keypoints model with a third output ``heatmaps`` (the decoder's input)."""
-    import keras
-
-    from kpnet.inference import KeypointDecoder
-
-    decoder = next(la for la in keypoints_model.layers if isinstance(la, KeypointDecoder))
-    outputs = {k: keypoints_model.output[k] for k in ("keypoints", "scores")}
-    return keras.Model(keypoints_model.inputs, {**outputs, "heatmaps": decoder.input})
 
 
 def coco_result(inst: Instance, image_id: int, path: Path) -> dict[str, Any]:
