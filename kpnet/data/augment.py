@@ -207,45 +207,52 @@ def sample_color(config: AugmentConfig, seed: tf.Tensor, n: tf.Tensor) -> tf.Ten
 GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114])
 
 
-def color_matrices(params: np.ndarray) -> np.ndarray:
-    """[n, 3, 4] affine colour maps (brightness, contrast, saturation) for a mean level of 0.
+def color_matrices(params: tf.Tensor) -> tf.Tensor:
+    """[n, 3, 4] float64 affine colour maps (brightness, contrast, saturation) for a mean
+    level of 0, from ``params`` [n, 4] as in :func:`apply_color`.
 
-    ``params`` [n, 4] as in :func:`apply_color`. Saturation blends with ``GRAY_WEIGHTS``
-    grey, which is linear in RGB, so the three jitters compose into ONE matrix (rounded and
-    clipped once); add ``(1 - contrast) * mean`` to column 3 for a crop's mean level.
+    Saturation blends with ``GRAY_WEIGHTS`` grey, which is linear in RGB, so the three
+    jitters compose into ONE matrix (rounded and clipped once); :func:`jitter_color` adds
+    ``(1 - contrast) * mean`` to column 3 for a crop's mean level.
     """
-    p = np.asarray(params, np.float64).reshape(-1, 4)
-    delta, contrast, saturation = p[:, 0], p[:, 1], p[:, 2]
-    s = saturation[:, None, None]
-    mix = s * np.eye(3) + (1.0 - s) * GRAY_WEIGHTS[None, None, :]
-    offset = np.broadcast_to((delta * 255.0)[:, None, None], (len(p), 3, 1))
-    return np.concatenate([contrast[:, None, None] * mix, offset], axis=2)
+    p = tf.cast(tf.reshape(params, [-1, 4]), tf.float64)
+    delta, contrast, saturation = p[:, 0, None, None], p[:, 1, None, None], p[:, 2, None, None]
+    eye, gray = tf.eye(3, dtype=tf.float64), tf.constant(GRAY_WEIGHTS)[None, None, :]
+    mix = saturation * eye + (1.0 - saturation) * gray
+    offset = tf.broadcast_to(delta * 255.0, tf.stack([tf.shape(p)[0], 3, 1]))
+    return tf.concat([contrast * mix, offset], axis=2)
 
 
-def jitter_color(image: np.ndarray, matrix: np.ndarray, params: Sequence[float]) -> np.ndarray:
-    """:func:`apply_color` given ``matrix`` = ``color_matrices(params)[i]`` (changed in place);
-    writes into ``image`` (and returns it) unless a hue shift is needed."""
-    _, contrast, saturation, hue = (float(v) for v in params)
+def jitter_color(image: np.ndarray, matrix: np.ndarray, contrast: float, hue: float) -> None:
+    """Colour jitter of a uint8 RGB crop IN PLACE, given ``matrix`` (a [3, 4] slice of
+    :func:`color_matrices`, changed in place), the contrast factor and the hue delta."""
     if contrast != 1.0:
-        matrix[:, 3] += (1.0 - contrast) * (sum(cv2.mean(image)[:3]) / 3.0)
-    if contrast != 1.0 or saturation != 1.0 or matrix[0, 3] != 0.0:
-        cv2.transform(image, matrix, dst=image)
-    if hue == 0.0:
-        return image
-    hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
-    shift = int(round(hue * 180.0)) % 180
-    hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
-    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        mean = sum(cv2.sumElems(image)[:3]) / image[..., :3].size  # cv2.mean costs 2x
+        matrix[:, 3] += (1.0 - contrast) * mean
+    cv2.transform(image, matrix, dst=image)
+    if hue != 0.0:
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV)
+        shift = int(round(hue * 180.0)) % 180
+        hsv[..., 0] = ((hsv[..., 0].astype(np.int16) + shift) % 180).astype(np.uint8)
+        cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB, dst=image)
 
 
-def apply_color(image: np.ndarray, params: np.ndarray) -> np.ndarray:
+def apply_color(image: np.ndarray, params: Sequence[float]) -> np.ndarray:
     """Colour jitter of a uint8 RGB crop: one OpenCV colour transform (+ HSV shift for hue).
 
     ``params`` = (brightness delta in [-1, 1] of 255, contrast factor, saturation factor,
     hue delta in turns); contrast scales about the mean level, saturation blends with the
     grey image (as torchvision's ColorJitter). Returns a new array.
+
+    Example:
+        >>> img = np.full((2, 2, 3), 100, np.uint8)
+        >>> int(apply_color(img, [0.2, 1.0, 1.0, 0.0])[0, 0, 0])  # + 0.2 * 255
+        151
     """
-    return jitter_color(np.array(image, np.uint8), color_matrices(params)[0], params)
+    out = np.array(image, np.uint8)
+    matrix = color_matrices(tf.constant([params], tf.float64)).numpy()[0]
+    jitter_color(out, matrix, float(params[1]), float(params[3]))
+    return out
 
 
 def build_albumentations(transforms: Sequence[Mapping[str, Any]]):

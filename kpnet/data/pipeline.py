@@ -31,9 +31,9 @@ How it works:
    faster than its 3-channel one) followed by the colour jitter (one colour transform);
 4. albumentations (if configured), instance shuffle buffer, batch, prefetch.
 
-Cost on coco_mini (3.1 instances per image, 256x192 crops, one core): ~1.65 ms decoding,
-~0.6 ms warping and jittering, ~0.4 ms tf.data per image, ~70% of the rate of plain
-``tf.io.decode_jpeg`` of the same files (``benchmarks/pipeline.py``).
+Cost on coco_mini (3.1 instances per image, 256x192 crops, one core): ~1.75 ms reading and
+decoding, ~0.35 ms warping, ~0.1 ms colour jitter, ~0.35 ms tf.data per image, ~0.71x the
+rate of plain ``tf.io.decode_jpeg`` of the same files (``benchmarks/pipeline.py``).
 
 Errors: records are checked up front (keypoint shapes; every image file exists, is
 non-empty, is a JPEG or PNG, and a file without an end marker is test-decoded); a failure
@@ -294,33 +294,43 @@ def _decode_window(contents, window, branch) -> tf.Tensor:
     return tf.switch_case(branch, [*(jpeg(r) for r in _RATIOS), png])  # one function call
 
 
-def _crops(image, matrices, origin_xy, ratio, colors, out_hw, fill_value) -> np.ndarray:
-    """Bilinear crops [n,H,W,3] of ``image``, then colour jitter.
+def _window_warps(m, group, ratio, window) -> tf.Tensor:
+    """[n, 2, 3] float64 matrices from each crop's window of the 1/ratio image to the crop.
 
-    ``image`` is the window of the 1/``ratio`` image whose top-left pixel is ``origin_xy``
-    (reduced pixels); ``matrices`` map full-resolution image pixels to the crop. OpenCV's
-    warpAffine has kpnet's pixel-centre convention; on RGBA it costs ~0.11 ms a 256x192
-    crop, ~0.25 ms on RGB (TF's ImageProjectiveTransformV3: ~2.2 ms).
+    Window pixel (u, v) is image pixel r (origin + (u, v)) + (r - 1) / 2 (see :func:`_windows`),
+    ``origin`` = (x0, y0) of the image's ``window`` [G, 4]; ``m`` [n, 2, 3] image -> crop.
     """
-    h, w = (int(v) for v in out_hw)
-    r = float(ratio)
-    m = matrices.astype(np.float64)
-    # window pixel (u, v) is image pixel r * (origin + (u, v)) + (r - 1) / 2
-    m[:, :, 2] += m[:, :, :2] @ (origin_xy.astype(np.float64) * r + (r - 1.0) * 0.5)
-    m[:, :, :2] *= r
+    r = tf.cast(tf.gather(ratio, group), tf.float64)[:, None]
+    origin = tf.cast(tf.gather(tf.reverse(window[:, :2], [1]), group), tf.float64)
+    lin = tf.cast(m[:, :, :2], tf.float64)
+    shift = tf.cast(m[:, :, 2], tf.float64) + tf.linalg.matvec(lin, origin * r + (r - 1) * 0.5)
+    return tf.concat([lin * r[:, :, None], shift[:, :, None]], axis=2)
+
+
+_NO_COLOR = np.array([0.0, 1.0, 1.0, 0.0], np.float32)
+
+
+def _crops(image, warps, colors, color_m, out_hw, fill_value) -> np.ndarray:
+    """Bilinear crops [n,H,W,3] of ``image`` (an image window), then colour jitter.
+
+    ``warps`` [n, 2, 3] map window pixels to crop pixels (:func:`_window_warps`); ``colors``
+    [n, 4] and ``color_m`` [n, 3, 4] are :func:`~kpnet.data.augment.sample_color` and
+    :func:`~kpnet.data.augment.color_matrices`. OpenCV's warpAffine has kpnet's pixel-centre
+    convention; on RGBA it costs ~0.11 ms a 256x192 crop, ~0.25 ms on RGB (TF's
+    ImageProjectiveTransformV3: ~2.2 ms).
+    """
+    h, w = int(out_hw[0]), int(out_hw[1])
     src = cv2.cvtColor(image, cv2.COLOR_RGB2RGBA)
     crop = np.empty((h, w, 4), np.uint8)
-    out = np.empty((len(m), h, w, 3), np.uint8)
+    out = np.empty((len(warps), h, w, 3), np.uint8)
     fill = (int(fill_value),) * 4
-    jitter = (colors != [0.0, 1.0, 1.0, 0.0]).any(1)
-    color_m = aug.color_matrices(colors) if jitter.any() else None
-    for i in range(len(m)):
-        cv2.warpAffine(src, m[i], (w, h), crop, cv2.INTER_LINEAR, cv2.BORDER_CONSTANT, fill)
-        cv2.cvtColor(crop, cv2.COLOR_RGBA2RGB, dst=out[i])
+    jitter = (colors != _NO_COLOR).any(1).tolist()
+    for i, warp in enumerate(warps):
+        cv2.warpAffine(src, warp, (w, h), crop, cv2.INTER_LINEAR, cv2.BORDER_CONSTANT, fill)
+        rgb = out[i]
+        cv2.cvtColor(crop, cv2.COLOR_RGBA2RGB, dst=rgb)
         if jitter[i]:
-            jittered = aug.jitter_color(out[i], color_m[i], colors[i])
-            if jittered is not out[i]:
-                out[i] = jittered
+            aug.jitter_color(rgb, color_m[i], float(colors[i, 1]), float(colors[i, 3]))
     return out
 
 
@@ -417,8 +427,9 @@ class _Builder:
     # -- stages -----------------------------------------------------------------------
     def epoch_tables(self, epoch: tf.Tensor, order: tf.Tensor) -> tuple[tf.Tensor, ...]:
         """Everything random and geometric of one epoch, for ALL instances in a few batched
-        ops, per image in ``order``: (epoch, path, decode branch, decode ratio, window,
-        matrices, colours, keypoints, record indices), the last four ragged [G, None, ...]."""
+        ops, per image in ``order``: (epoch, path, decode branch, window, then ragged
+        [G, None, ...]: window -> crop matrices, colour parameters, colour matrices,
+        image -> crop matrices, keypoints, record indices)."""
         idx, group = self.flat_members, self.member_group
         n = tf.shape(idx)[0]
         seeds = tf.random.experimental.stateless_split(tf.stack([self.seed_t, epoch]), 2)
@@ -432,20 +443,22 @@ class _Builder:
         else:
             ratio = tf.ones([self.num_groups], tf.int32)
         window = _windows(m, group, self.hw, ratio, self.config.input_size)
+        warps = _window_warps(m, group, ratio, window)
+        per_instance = (warps, colors, aug.color_matrices(colors), m,
+                        self.keypoints_out(idx, m), idx)  # fmt: skip
         per_instance = [tf.RaggedTensor.from_row_splits(t, self.splits, validate=False)
-                        for t in (m, colors, self.keypoints_out(idx, m), idx)]  # fmt: skip
+                        for t in per_instance]  # fmt: skip
         log2_ratio = tf.reduce_sum(tf.cast(ratio[:, None] >= [2, 4, 8], tf.int32), 1)
         branch = tf.where(self.is_jpeg, log2_ratio, len(_RATIOS))  # see _decode_window
-        per_image = [self.paths, branch, ratio, window, *per_instance]
+        per_image = [self.paths, branch, window, *per_instance]
         return (tf.fill(tf.shape(order), epoch), *(tf.gather(t, order) for t in per_image))
 
-    def load(self, epoch, path, branch, ratio, window, m, colors, keypoints, idx):
+    def load(self, epoch, path, branch, window, warps, colors, color_m, m, keypoints, idx):
         """One image: read, decode its window once, warp and jitter all its instances."""
         image = _decode_window(tf.io.read_file(path), window, branch)
         crop_fn = functools.partial(_crops, out_hw=self.config.input_size,
                                     fill_value=self.config.fill_value)  # fmt: skip
-        origin = tf.cast(tf.stack([window[1], window[0]]), tf.float32)
-        crops = tf.numpy_function(crop_fn, [image, m, origin, ratio, colors], tf.uint8,
+        crops = tf.numpy_function(crop_fn, [image, warps, colors, color_m], tf.uint8,
                                   stateful=False)  # fmt: skip
         crops = tf.ensure_shape(crops, [None, *self.config.input_size, 3])
         return crops, keypoints, m, idx, tf.fill(tf.shape(idx), epoch)
