@@ -648,16 +648,59 @@ def evaluate_model(
     not flip inside the graph). ``metric_options`` go to :func:`evaluate_predictions`.
     The result also holds ``predictions``: COCO keypoint results (:func:`to_coco_results`).
     """
+    xy, scores = _predict_all(keypoints_model, records, spec, pipeline_config, batch_size,
+                              flip_test)  # fmt: skip
+    metrics = evaluate_predictions(xy, scores, records, spec, **metric_options)
+    metrics["predictions"] = to_coco_results(records, xy, scores)
+    return metrics
+
+
+def evaluate_detections(
+    keypoints_model: Any,
+    detections: Sequence[InstanceRecord],
+    spec: KeypointSpec,
+    pipeline_config: Any,
+    ground_truth: Any,
+    batch_size: int = 32,
+    flip_test: bool = False,
+    oks_nms_threshold: float | None = None,
+) -> dict[str, Any]:
+    """COCO keypoint AP of a model on detector boxes, against the ground-truth json.
+
+    The top-down protocol of CPN and SimpleBaselines: one crop per detection (records from
+    :func:`kpnet.data.coco.load_coco_records` with ``boxes_file``), instance score = the
+    detection score times the mean confident keypoint score (:func:`to_coco_results`),
+    optional per-image OKS-NMS, then pycocotools against every ground-truth instance of the
+    evaluated images (missed people count, as do false detections).
+
+    Example:
+        >>> spec, dets = load_coco_records("person_keypoints_val2017.json", "val2017",
+        ...                                boxes_file="detections.json")   # doctest: +SKIP
+        >>> model = kpnet.load_model("best.keras")                          # doctest: +SKIP
+        >>> r = evaluate_detections(model, dets, spec, PipelineConfig(),
+        ...                         "person_keypoints_val2017.json")        # doctest: +SKIP
+        >>> r["coco"]["AP"]                                                 # doctest: +SKIP
+
+    Returns ``{"num_detections", "coco": coco_keypoint_ap(...), "predictions"}``.
+    """
+    if spec.sigmas is None:
+        raise DataError("evaluate: detection boxes are scored by OKS AP, which needs spec.sigmas")
+    xy, scores = _predict_all(keypoints_model, detections, spec, pipeline_config, batch_size,
+                              flip_test)  # fmt: skip
+    predictions = to_coco_results(detections, xy, scores)
+    coco = coco_keypoint_ap(ground_truth, predictions, spec.sigmas, oks_nms_threshold)
+    return {"num_detections": len(detections), "coco": coco, "predictions": predictions}
+
+
+def _predict_all(model, records, spec, pipeline_config, batch_size, flip_test):
+    """(xy [N, K, 2], scores [N, K]) in image pixels for every record, via the eval pipeline."""
     from kpnet.data.pipeline import build_dataset
 
     dataset = build_dataset(
         records, spec, pipeline_config, batch_size, training=False, with_meta=True
     )
     batches = dataset.as_numpy_iterator() if hasattr(dataset, "as_numpy_iterator") else dataset
-    xy, scores = predict_records(keypoints_model, batches, len(records), spec, flip_test)
-    metrics = evaluate_predictions(xy, scores, records, spec, **metric_options)
-    metrics["predictions"] = to_coco_results(records, xy, scores)
-    return metrics
+    return predict_records(model, batches, len(records), spec, flip_test)
 
 
 # --------------------------------------------------------------------------- printing

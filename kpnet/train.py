@@ -186,6 +186,15 @@ class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
         return value
 
 
+def _num_workers(strategy: tf.distribute.Strategy) -> int:
+    """Worker processes in the strategy's cluster (chief included); 1 without a cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    spec = resolver.cluster_spec() if resolver is not None else None
+    if not spec:
+        return 1
+    return sum(spec.num_tasks(job) for job in ("chief", "worker") if job in spec.jobs) or 1
+
+
 def _is_chief(strategy: tf.distribute.Strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
@@ -334,27 +343,35 @@ def _to_targets(images, keypoints):
     return images, {name: keypoints for name in OUTPUT_NAMES}
 
 
-def _datasets(recipe, spec, train, val, config, multi_worker: bool):
+def _datasets(recipe, spec, train, val, config, strategy: tf.distribute.Strategy | None):
+    """(training, validation) datasets; under multi-worker training each worker builds the
+    pipeline of its own share of the images (``distribute_datasets_from_function``), so no
+    worker reads or augments another's images."""
     from kpnet.data.pipeline import build_dataset
 
     t = recipe.train
     on_error = recipe.data.on_error
-    train_ds = build_dataset(
-        train, spec, config, t.batch_size, training=True, seed=t.seed, repeat=True,
-        on_error=on_error,
-    ).map(_to_targets)  # fmt: skip
+
+    def train_dataset(context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+        return build_dataset(
+            train, spec, config, t.batch_size, training=True, seed=t.seed, repeat=True,
+            on_error=on_error, input_context=context,
+        ).map(_to_targets)  # fmt: skip
+
     val_ds = None
     if val:
         val_ds = build_dataset(
             val, spec, config, t.batch_size, training=False, on_error=on_error
         ).map(_to_targets)
-    if multi_worker:
+    if strategy is None:
+        return train_dataset(), val_ds
+    train_ds = strategy.distribute_datasets_from_function(train_dataset)
+    if val_ds is not None:  # a known, finite length: split batch-wise over the workers
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = (
             tf.data.experimental.AutoShardPolicy.DATA
         )
-        train_ds = train_ds.with_options(options)
-        val_ds = val_ds.with_options(options) if val_ds is not None else None
+        val_ds = val_ds.with_options(options)
     return train_ds, val_ds
 
 
@@ -606,7 +623,8 @@ def _fit(recipe: Recipe, out: Path, strategy: tf.distribute.Strategy) -> dict[st
     steps = max(1, len(train) // t.batch_size)
     steps = min(steps, t.steps_per_epoch or steps)
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    train_ds, val_ds = _datasets(recipe, spec, train, val, config, multi_worker)
+    train_ds, val_ds = _datasets(recipe, spec, train, val, config,
+                                 strategy if multi_worker else None)  # fmt: skip
     evaluate = None if multi_worker else _evaluator(recipe, spec, val, config)
     monitor = "val_px_mean" if evaluate else ("val_loss" if val else "loss")
     run = _Run(recipe, out, spec, steps, val_ds, evaluate, monitor, NaNGuard())
@@ -614,6 +632,11 @@ def _fit(recipe: Recipe, out: Path, strategy: tf.distribute.Strategy) -> dict[st
         f"{len(train)} training / {len(val)} validation instances, {spec.num_keypoints} "
         f"keypoints in {spec.num_channels} channels; {replicas} replica(s), global batch "
         f"{t.batch_size}, {steps} steps per epoch, precision {t.precision}"
+        + (
+            f"; each worker reads its 1/{_num_workers(strategy)} of the training images"
+            if multi_worker
+            else ""
+        )
     )
     start = time.time()
     backup = read_backup(out / "backup")

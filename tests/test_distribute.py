@@ -133,6 +133,7 @@ def test_multi_worker_fit_two_local_processes(tmp_path):  # about 35 s on 2 core
         trace = [ln[:300] for ln in stderr.splitlines() if "File" in ln or "Error" in ln]
         assert p.returncode == 0, "\n".join(trace)
         assert "2 replica(s), global batch 8" in stdout and "DONE" in stdout
+        assert "each worker reads its 1/2 of the training images" in stdout
     run, worker = tmp_path / "run", tmp_path / "run" / ".workers" / "worker-1"
     for name in ("last.keras", "best.keras", "history.csv", "metrics.json", "backup"):
         assert (run / name).exists(), name  # the chief (worker 0) writes the outputs

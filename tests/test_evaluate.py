@@ -317,7 +317,7 @@ def test_cli_model_mode(dot_data, tmp_path, monkeypatch):
     from kpnet.cli import main
 
     train = types.ModuleType("kpnet.train")  # the recipe -> validation data step, faked
-    train.load_validation = lambda recipe: dot_data
+    train.load_validation = lambda recipe, detections=False: dot_data
     monkeypatch.setitem(sys.modules, "kpnet.train", train)
     seen = {}
     monkeypatch.setattr(kpnet.recipe, "load_recipe", lambda p, o: seen.update(recipe=(p, o)))
@@ -332,3 +332,81 @@ def test_cli_model_mode(dot_data, tmp_path, monkeypatch):
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics["overall"]["AP"] == pytest.approx(1.0) and metrics["overall"]["count"] == 3
     assert len(json.loads((tmp_path / "ev" / "predictions.json").read_text())) == 3
+
+
+def test_cli_detections_mode_scores_against_the_whole_ground_truth(dot_data, tmp_path, monkeypatch):
+    """Detector boxes: a miss and a false detection count, as in COCO's top-down protocol."""
+    import kpnet.inference
+    from kpnet.cli import main
+
+    spec, records, _ = dot_data
+    images = [
+        {"id": r.image_id, "file_name": Path(r.image_path).name, "height": 240, "width": 320}
+        for r in records
+    ]
+    anns = [
+        {
+            "id": i + 1,
+            "image_id": r.image_id,
+            "category_id": 1,
+            "bbox": [float(v) for v in r.box],
+            "area": float(r.box[2]) * float(r.box[3]),
+            "iscrowd": 0,
+            "num_keypoints": 1,
+            "keypoints": r.keypoints.reshape(-1).tolist(),
+        }
+        for i, r in enumerate(records)
+    ]
+    gt = {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": 1, "name": "dot", "keypoints": ["dot"], "skeleton": []}],
+    }
+    dets = [
+        {
+            "image_id": r.image_id,
+            "category_id": 1,
+            "score": 0.9,
+            "bbox": [float(r.box[0]) + 3, float(r.box[1]) - 2, float(r.box[2]), float(r.box[3])],
+        }
+        for r in records[:2]
+    ]
+    dets.append({"image_id": 0, "category_id": 1, "score": 0.8, "bbox": [0, 0, 30, 30]})
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "dets.json").write_text(json.dumps(dets))
+    recipe = {
+        "data": {
+            "source": "coco",
+            "spec": {"names": ["dot"], "sigmas": [0.05]},
+            "coco": {
+                "train_annotations": str(tmp_path / "gt.json"),
+                "train_images": str(tmp_path),
+                "val_annotations": str(tmp_path / "gt.json"),
+            },
+        },
+        "model": {"backbone": "tiny", "backbone_weights": None, "input_size": [64, 64]},
+    }
+    (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))
+    monkeypatch.setattr(kpnet.inference, "load_model", lambda p, spec: ColourPeakModel(1))
+    (tmp_path / "model.keras").write_text("")
+    args = [
+        "evaluate",
+        str(tmp_path / "model.keras"),
+        str(tmp_path / "recipe.yaml"),
+        "--detections",
+        "-o",
+        str(tmp_path / "ev"),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "data.coco.val_boxes" in result.output
+    result = CliRunner().invoke(main, [*args, "--set", f"data.coco.val_boxes={tmp_path}/dets.json"])
+    assert result.exit_code == 0, result.output
+    assert "3 detections of" in result.output
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    # two dots found, one image without a detection: precision 1 up to recall 2/3, the
+    # empty-crop false detection scores 0 (ranked last): AP = 67 of 101 recall points
+    assert metrics["coco"]["AP"] == pytest.approx(67 / 101, abs=1e-3)
+    assert metrics["coco"]["AR"] == pytest.approx(2 / 3, abs=1e-3)
+    predictions = json.loads((tmp_path / "ev" / "predictions.json").read_text())
+    assert sorted(p["image_id"] for p in predictions) == [0, 0, 1]
+    assert min(p["score"] for p in predictions) == 0.0

@@ -3,6 +3,8 @@
 Example:
     $ kpnet evaluate --gt person_keypoints_val.json --predictions results.json -o metrics.json
     $ kpnet evaluate runs/pins/model.keras pins.yaml -o runs/pins/eval --set data.batch_size=8
+    $ kpnet evaluate runs/coco/best.keras coco.yaml --detections \
+        --set data.coco.val_boxes=person_detections_val2017.json --oks-nms 0.9
 """
 
 from __future__ import annotations
@@ -38,6 +40,12 @@ from kpnet.spec import COCO17_SIGMAS, SpecError
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Recipe override.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--flip-test", is_flag=True, help="Average with the mirrored crops' heatmaps.")
+@click.option(
+    "--detections",
+    is_flag=True,
+    help="Crop the detector boxes of data.coco.val_boxes and score OKS AP against the whole "
+    "ground truth (data.coco.val_annotations), as the CPN paper does.",
+)
 def evaluate(
     model: str | None,
     recipe: str | None,
@@ -49,6 +57,7 @@ def evaluate(
     overrides: tuple[str, ...],
     batch_size: int,
     flip_test: bool,
+    detections: bool,
 ) -> None:
     """Evaluate keypoints: `--gt GT --predictions DT`, or `MODEL RECIPE` on the validation data."""
     from kpnet.data.records import DataError
@@ -59,7 +68,8 @@ def evaluate(
                 raise click.UsageError("--gt and --predictions go together, without MODEL RECIPE")
             _evaluate_files(gt, predictions, sigmas, oks_nms, output)
         elif model and recipe:
-            _evaluate_model(model, recipe, overrides, output, batch_size, flip_test, oks_nms)
+            run = _evaluate_detections if detections else _evaluate_model
+            run(model, recipe, overrides, output, batch_size, flip_test, oks_nms)
         else:
             raise click.UsageError("give MODEL RECIPE, or --gt GT.json --predictions DT.json")
     except (DataError, SpecError, FileNotFoundError) as err:
@@ -88,6 +98,39 @@ def _evaluate_model(
     oks_nms: float | None,
 ) -> None:
     from kpnet.evaluate import evaluate_model, format_table
+
+    recipe, model, (spec, records, config) = _load(model_path, recipe_path, overrides, flip_test)
+    metrics = evaluate_model(model, records, spec, config, batch_size, oks_nms_threshold=oks_nms)
+    if metrics.get("coco"):
+        click.echo(metrics["coco"].pop("summary"), nl=False)
+    click.echo(format_table(metrics))
+    _write_results(metrics, output, model_path)
+
+
+def _evaluate_detections(
+    model_path: str,
+    recipe_path: str,
+    overrides: tuple[str, ...],
+    output: str | None,
+    batch_size: int,
+    flip_test: bool,
+    oks_nms: float | None,
+) -> None:
+    from kpnet.evaluate import evaluate_detections
+
+    recipe, model, (spec, detections, config) = _load(
+        model_path, recipe_path, overrides, flip_test, detections=True
+    )
+    gt = recipe.data.coco.val_annotations
+    metrics = evaluate_detections(model, detections, spec, config, gt, batch_size,
+                                  oks_nms_threshold=oks_nms)  # fmt: skip
+    click.echo(metrics["coco"].pop("summary"), nl=False)
+    click.echo(f"{metrics['num_detections']} detections of {recipe.data.coco.val_boxes}")
+    _write_results(metrics, output, model_path)
+
+
+def _load(model_path, recipe_path, overrides, flip_test, detections: bool = False):
+    """(recipe, keypoints model, (spec, validation records, pipeline config))."""
     from kpnet.inference import load_model
     from kpnet.recipe import RecipeError, load_recipe
 
@@ -97,18 +140,33 @@ def _evaluate_model(
         raise click.ClickException(f"evaluating a model needs kpnet.train ({err})") from None
     try:
         recipe = load_recipe(recipe_path, list(overrides))
+        if detections:
+            _check_detection_recipe(recipe)
     except RecipeError as err:
         raise click.ClickException(str(err)) from None
-    spec, records, pipeline_config = load_validation(recipe)
+    spec, records, config = load_validation(recipe, detections=detections)
     # flip test inside the graph: heatmaps of the mirrored batch are averaged before decoding
     model = load_model(model_path, spec, **({"flip_test": True} if flip_test else {}))
-    metrics = evaluate_model(
-        model, records, spec, pipeline_config, batch_size, oks_nms_threshold=oks_nms
-    )
+    return recipe, model, (spec, records, config)
+
+
+def _check_detection_recipe(recipe) -> None:
+    """RecipeError unless the recipe names a COCO ground truth and a detections file."""
+    if recipe.data.source != "coco":
+        source = recipe.data.source
+        raise recipe.error("data.source", f"--detections needs a coco source, not {source!r}")
+    for key in ("val_annotations", "val_boxes"):
+        if getattr(recipe.data.coco, key) is None:
+            raise recipe.error(
+                f"data.coco.{key}",
+                "--detections needs it (set it in the recipe or with --set "
+                f"data.coco.{key}=PATH)",
+            )
+
+
+def _write_results(metrics: dict[str, Any], output: str | None, model_path: str) -> None:
+    """metrics.json and predictions.json (COCO results) into ``output`` or beside the model."""
     predictions = metrics.pop("predictions")
-    if metrics.get("coco"):
-        click.echo(metrics["coco"].pop("summary"), nl=False)
-    click.echo(format_table(metrics))
     out_dir = Path(output) if output else Path(model_path).resolve().parent / "evaluate"
     _write_json(out_dir / "metrics.json", metrics)
     _write_json(out_dir / "predictions.json", predictions)
