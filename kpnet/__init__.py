@@ -24,6 +24,7 @@ _LAZY = {
     "retarget": "kpnet.models",
     "transfer_weights": "kpnet.models.retarget",
     "load_model": "kpnet.inference",
+    "register_keras_objects": "kpnet.saving",
     "build_keypoints_model": "kpnet.inference",
     "KeypointDecoder": "kpnet.inference",
     "draw_keypoints": "kpnet.inference",

@@ -240,11 +240,10 @@ def _resolve_spec(spec: KeypointSpec | dict | None, path: Path) -> KeypointSpec:
 
 
 def _register_model_layers() -> None:
-    """Import the model package so its custom layers are registered before loading."""
-    try:
-        import kpnet.models  # noqa: F401
-    except ImportError:
-        pass
+    """Register kpnet's Keras objects (backbone layers, losses, schedule) before loading."""
+    from kpnet.saving import register_keras_objects
+
+    register_keras_objects()
 
 
 def _named_heatmap_model(model: keras.Model) -> keras.Model:

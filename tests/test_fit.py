@@ -65,14 +65,24 @@ def test_fit_writes_outputs_resumes_and_stops_on_nan(tmp_path, tiny):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["overall"]["count"] == 16 and metrics["overall"]["mean"] > 0
     assert len(json.loads((out / "spec.json").read_text())["names"]) == 2
-    fresh = subprocess.run(  # a user's new process: kpnet.load_model must not need kpnet.train
-        [sys.executable, "-c", "import sys, kpnet, numpy as np; "
+    fresh = subprocess.run(  # a user's new process: plain Keras after registering, kpnet.load_model
+        [sys.executable, "-c", "import sys, keras, kpnet, numpy as np; "
+         "kpnet.register_keras_objects(); "
+         "print(type(keras.saving.load_model(sys.argv[1]).optimizer).__name__); "
          "m = kpnet.load_model(sys.argv[1]); "
          "print(m.predict(np.zeros((1, 64, 64, 3), 'uint8'), verbose=0)['keypoints'].shape)",
          str(out / "best.keras")],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert fresh.returncode == 0 and "(1, 2, 2)" in fresh.stdout, fresh.stderr[-2000:]
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "Adam" in fresh.stdout and "(1, 2, 2)" in fresh.stdout
+    args = [f"--set={item}" for item in [*tiny, "train.epochs=1"]]
+    again = subprocess.run(  # re-running a finished run in a new process only re-finalizes it
+        [sys.executable, "-m", "kpnet.cli", "fit", str(QUICKSTART), "-o", str(out), *args],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "already holds 1 trained epochs" in again.stdout and "best model:" in again.stdout
     assert [r["epoch"] for r in _history(out)] == ["0"]
 
     last_bytes = (out / "last.keras").read_bytes()

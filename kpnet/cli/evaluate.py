@@ -159,8 +159,7 @@ def _check_detection_recipe(recipe) -> None:
         if getattr(recipe.data.coco, key) is None:
             raise recipe.error(
                 f"data.coco.{key}",
-                "--detections needs it (set it in the recipe or with --set "
-                f"data.coco.{key}=PATH)",
+                f"--detections needs it (set it in the recipe or with --set data.coco.{key}=PATH)",
             )
 
 
