@@ -68,6 +68,19 @@ def test_resnet50_parameter_count_matches_reference_cpn():
     assert {"conv2_block3_out", "conv5_block3_out", "refine_final_block_out"} <= names
 
 
+def test_resnet101_cpn_differs_from_resnet50_by_the_trunk_alone():
+    """Same GlobalNet / RefineNet on C2..C5 of the deeper trunk: only the trunk grows."""
+    cpn50 = build_cpn(17, (128, 96, 3), backbone="resnet50")
+    cpn101 = build_cpn(17, (128, 96, 3), backbone="resnet101")
+    trunk = keras.applications.ResNet101(include_top=False, weights=None).count_params()
+    trunk -= keras.applications.ResNet50(include_top=False, weights=None).count_params()
+    assert cpn101.count_params() - cpn50.count_params() == trunk == 19_070_464
+    assert "conv4_block23_out" in {layer.name for layer in cpn101.layers}
+    assert infer_architecture(cpn101)["backbone"] == "resnet101"
+    out = cpn101(np.zeros((1, 128, 96, 3), np.float32))
+    assert tuple(out["refine"].shape) == (1, 32, 24, 17)
+
+
 def test_caffe_preprocessing_matches_keras_applications():
     images = np.random.default_rng(1).uniform(0, 255, (2, 4, 4, 3)).astype(np.float32)
     expected = keras.applications.resnet.preprocess_input(images.copy())
