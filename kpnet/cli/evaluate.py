@@ -68,8 +68,9 @@ def evaluate(
                 raise click.UsageError("--gt and --predictions go together, without MODEL RECIPE")
             _evaluate_files(gt, predictions, sigmas, oks_nms, output)
         elif model and recipe:
-            run = _evaluate_detections if detections else _evaluate_model
-            run(model, recipe, overrides, output, batch_size, flip_test, oks_nms)
+            _evaluate_model(
+                model, recipe, overrides, output, batch_size, flip_test, oks_nms, detections
+            )
         else:
             raise click.UsageError("give MODEL RECIPE, or --gt GT.json --predictions DT.json")
     except (DataError, SpecError, FileNotFoundError) as err:
@@ -96,36 +97,25 @@ def _evaluate_model(
     batch_size: int,
     flip_test: bool,
     oks_nms: float | None,
+    detections: bool,
 ) -> None:
-    from kpnet.evaluate import evaluate_model, format_table
+    from kpnet.evaluate import evaluate_detections, evaluate_model, format_table
 
-    recipe, model, (spec, records, config) = _load(model_path, recipe_path, overrides, flip_test)
-    metrics = evaluate_model(model, records, spec, config, batch_size, oks_nms_threshold=oks_nms)
-    if metrics.get("coco"):
-        click.echo(metrics["coco"].pop("summary"), nl=False)
-    click.echo(format_table(metrics))
-    _write_results(metrics, output, model_path)
-
-
-def _evaluate_detections(
-    model_path: str,
-    recipe_path: str,
-    overrides: tuple[str, ...],
-    output: str | None,
-    batch_size: int,
-    flip_test: bool,
-    oks_nms: float | None,
-) -> None:
-    from kpnet.evaluate import evaluate_detections
-
-    recipe, model, (spec, detections, config) = _load(
-        model_path, recipe_path, overrides, flip_test, detections=True
+    recipe, model, (spec, records, config) = _load(
+        model_path, recipe_path, overrides, flip_test, detections
     )
-    gt = recipe.data.coco.val_annotations
-    metrics = evaluate_detections(model, detections, spec, config, gt, batch_size,
-                                  oks_nms_threshold=oks_nms)  # fmt: skip
-    click.echo(metrics["coco"].pop("summary"), nl=False)
-    click.echo(f"{metrics['num_detections']} detections of {recipe.data.coco.val_boxes}")
+    if detections:
+        gt = recipe.data.coco.val_annotations
+        metrics = evaluate_detections(model, records, spec, config, gt, batch_size,
+                                      oks_nms_threshold=oks_nms)  # fmt: skip
+        click.echo(metrics["coco"].pop("summary"), nl=False)
+        click.echo(f"{metrics['num_detections']} detections of {recipe.data.coco.val_boxes}")
+    else:
+        metrics = evaluate_model(model, records, spec, config, batch_size,
+                                 oks_nms_threshold=oks_nms)  # fmt: skip
+        if metrics.get("coco"):
+            click.echo(metrics["coco"].pop("summary"), nl=False)
+        click.echo(format_table(metrics))
     _write_results(metrics, output, model_path)
 
 
