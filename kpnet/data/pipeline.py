@@ -31,9 +31,9 @@ How it works:
    faster than its 3-channel one) followed by the colour jitter (one colour transform);
 4. albumentations (if configured), instance shuffle buffer, batch, prefetch.
 
-Cost on coco_mini (3.1 instances per image, 256x192 crops, one core): ~1.75 ms reading and
-decoding, ~0.35 ms warping, ~0.1 ms colour jitter, ~0.35 ms tf.data per image, ~0.71x the
-rate of plain ``tf.io.decode_jpeg`` of the same files (``benchmarks/pipeline.py``).
+Cost on coco_mini (3.1 instances per image, 256x192 crops, one core): ~2.6 ms per image,
+0.71x the rate of plain ``tf.io.decode_jpeg`` of the same files; decoding dominates, and
+colour jitter costs ~0.13 ms (``benchmarks/pipeline.py``).
 
 Errors: records are checked up front (keypoint shapes; every image file exists, is
 non-empty, is a JPEG or PNG, and a file without an end marker is test-decoded); a failure
