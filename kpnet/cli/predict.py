@@ -227,8 +227,8 @@ def crop_matrix(
     """Image -> crop affine [2, 3] of a box (x, y, w, h), or of the whole image when None.
 
     Example:
-        >>> crop_matrix(None, (480, 640), (256, 192)).round(3).tolist()
-        [[0.3, 0.0, 0.15], [0.0, 0.3, 56.15]]
+        >>> crop_matrix(None, (480, 640), (256, 192)).astype(float).round(3).tolist()
+        [[0.3, 0.0, -0.35], [0.0, 0.3, 55.65]]
     """
     if box is None:
         box, padding = (0.0, 0.0, float(image_hw[1]), float(image_hw[0])), WHOLE_IMAGE_PADDING

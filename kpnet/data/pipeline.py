@@ -4,7 +4,9 @@ Example:
     >>> from kpnet.data.pipeline import PipelineConfig, build_dataset
     >>> ds = build_dataset(records, spec, PipelineConfig(), batch_size=32,  # doctest: +SKIP
     ...                    training=True, repeat=True)
-    >>> images, keypoints = next(iter(ds))  # uint8 [32,256,192,3], float32 [32,K,3]
+    >>> images, keypoints = next(iter(ds))  # doctest: +SKIP
+    >>> images.shape, keypoints.shape  # doctest: +SKIP
+    (TensorShape([32, 256, 192, 3]), TensorShape([32, 17, 3]))
 
 How it works:
 
