@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _blobs import blob_image
 from click.testing import CliRunner
 
 from kpnet.cli import main
@@ -98,11 +99,7 @@ def _blob_keypoints_model() -> keras.Model:
 
 
 def _blob_image(points, hw=(300, 400), sigma=14.0) -> np.ndarray:
-    yy, xx = np.mgrid[: hw[0], : hw[1]].astype(np.float32)
-    image = np.zeros((*hw, 3), np.float32)
-    for c, (x, y) in enumerate(points):
-        image[..., c] = 250 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
-    return np.round(image).astype(np.uint8)
+    return blob_image(points, hw, sigma)
 
 
 def test_serving_signatures_recover_known_points(tmp_path):

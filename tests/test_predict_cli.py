@@ -9,6 +9,7 @@ import cv2
 import keras
 import numpy as np
 import pytest
+from _blobs import blob_image
 from click.testing import CliRunner
 
 from kpnet.cli import main
@@ -33,11 +34,7 @@ BOXES = {"5": [40.0, 40.0, 80.0, 90.0], "9": [100.0, 20.0, 80.0, 90.0]}
 
 
 def _blob_image(points, hw=(160, 200), sigma=9.0) -> np.ndarray:
-    yy, xx = np.mgrid[: hw[0], : hw[1]].astype(np.float32)
-    image = np.zeros((*hw, 3), np.float32)
-    for c, (x, y) in enumerate(points):
-        image[..., c] = 250 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * sigma**2))
-    return np.round(image).astype(np.uint8)
+    return blob_image(points, hw, sigma)
 
 
 @pytest.fixture(scope="module")
