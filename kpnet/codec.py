@@ -23,8 +23,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from keras import ops
@@ -97,74 +99,112 @@ def render_heatmaps(
 
 
 # --------------------------------------------------------------------------- crop geometry
-def box_to_center_scale(
-    box: Sequence[float],
-    aspect_ratio: float,
-    padding: tuple[float, float] = (1.2, 1.3),
-) -> tuple[np.ndarray, np.ndarray]:
-    """Centre and (w, h) of the crop region for a box, with the crop's aspect ratio kept.
+#: Box extension (x, y) of top-down crops: tf-cpn's 0.1 / 0.15 per side. The one default.
+DEFAULT_PADDING: tuple[float, float] = (1.2, 1.3)
+#: Extra extension of top-down crops while training (tf-cpn: 1.25).
+DEFAULT_TRAIN_BOX_EXTEND: float = 1.25
+#: How a record or a new frame becomes a crop: around its box, or the whole frame.
+CROP_MODES: tuple[str, ...] = ("topdown", "whole", "random_crop")
+
+
+def box_to_center_scale(boxes, aspect_ratio: float, padding=DEFAULT_PADDING):
+    """Centre and (w, h) of the crop regions of boxes, with the crop's aspect ratio kept.
+
+    The ONE definition of a crop region (pipeline, predict and the SavedModel call it).
+
+    Example:
+        >>> c, s = box_to_center_scale((10, 20, 100, 50), 0.75, padding=(1.0, 1.0))
+        >>> np.asarray(c).tolist(), np.asarray(s).round(2).tolist()
+        ([59.5, 44.5], [100.0, 133.33])
 
     Args:
-        box: (x, y, w, h) in image pixels.
+        boxes: (x, y, w, h) [..., 4] in image pixels (x..x+w-1 are the covered centres).
         aspect_ratio: crop width / height (192 / 256 for a 256x192 input).
-        padding: multiplicative extension in (x, y); tf-cpn's 0.1 / 0.15 per side gives
-            (1.2, 1.3). Training multiplies the result by 1.25 more (see the pipeline).
+        padding: multiplicative extension (x, y) [..., 2] or a pair.
 
     Returns:
-        (center [2], size [2]) in image pixels.
+        (center [..., 2], size [..., 2]) float32 tensors in image pixels.
     """
-    x, y, w, h = (float(v) for v in box)
-    w, h = max(w, 1.0), max(h, 1.0)
-    center = np.array([x + (w - 1) * 0.5, y + (h - 1) * 0.5], np.float32)
-    w, h = w * padding[0], h * padding[1]
-    if w > aspect_ratio * h:
-        h = w / aspect_ratio
-    else:
-        w = h * aspect_ratio
-    return center, np.array([w, h], np.float32)
+    boxes = ops.cast(ops.convert_to_tensor(boxes), "float32")
+    wh = ops.maximum(boxes[..., 2:4], 1.0)
+    center = boxes[..., 0:2] + (wh - 1.0) * 0.5
+    size = wh * ops.cast(ops.convert_to_tensor(padding), "float32")
+    w, h = size[..., 0], size[..., 1]
+    wide = w > aspect_ratio * h
+    size = ops.stack([ops.where(wide, w, h * aspect_ratio), ops.where(wide, w / aspect_ratio, h)],
+                     axis=-1)  # fmt: skip
+    return center, size
 
 
-def crop_affine(
-    center: Sequence[float],
-    size: Sequence[float],
-    output_size: Sequence[int],
-    rotation_deg: float = 0.0,
-    flip: bool = False,
-) -> np.ndarray:
-    """The [2, 3] matrix mapping image pixels into an (H, W) crop.
+def crop_affine(center, size, output_size: Sequence[int], rotation_deg=0.0, flip=False):
+    """[..., 2, 3] float32 matrices mapping image pixels into (H, W) crops.
 
-    The region of ``size`` (w, h) around ``center`` maps onto the output of
-    ``output_size`` (H, W), rotated counter-clockwise by ``rotation_deg`` and optionally
-    mirrored horizontally (about the crop's centre).
+    The region of ``size`` (w, h) around ``center`` maps onto the output of ``output_size``
+    (H, W), rotated counter-clockwise by ``rotation_deg`` and optionally mirrored
+    horizontally (about the crop's centre). Batched (``center``, ``size`` [..., 2],
+    ``rotation_deg``, ``flip`` [...]); the ONE definition of the crop geometry.
+
+    Example:
+        >>> m = crop_affine((100.0, 50.0), (48.0, 64.0), (64, 48))
+        >>> np.asarray(transform_points(np.array([[100.0, 50.0]]), m)).tolist()
+        [[23.5, 31.5]]
     """
+    center = ops.cast(ops.convert_to_tensor(center), "float32")
+    size = ops.cast(ops.convert_to_tensor(size), "float32")
     out_h, out_w = float(output_size[0]), float(output_size[1])
-    sx, sy = out_w / float(size[0]), out_h / float(size[1])
-    a = np.deg2rad(rotation_deg)
-    cos, sin = np.cos(a), np.sin(a)
-    # image -> centred -> rotate -> scale -> (flip) -> shift to crop centre
-    rot = np.array([[cos, sin], [-sin, cos]], np.float64)
-    lin = np.diag([sx, sy]) @ rot
-    if flip:
-        lin = np.diag([-1.0, 1.0]) @ lin
-    crop_c = np.array([(out_w - 1) * 0.5, (out_h - 1) * 0.5])
-    t = crop_c - lin @ np.asarray(center, np.float64)
-    return np.concatenate([lin, t[:, None]], axis=1).astype(np.float32)
+    sx, sy = out_w / size[..., 0], out_h / size[..., 1]
+    a = ops.cast(ops.convert_to_tensor(rotation_deg), "float32") * (np.pi / 180.0)
+    cos, sin = ops.cos(a) + 0.0 * sx, ops.sin(a) + 0.0 * sx  # broadcast to the batch
+    sign = ops.where(ops.convert_to_tensor(flip), -1.0, 1.0) + 0.0 * sx
+    row0 = ops.stack([sign * sx * cos, sign * sx * sin], axis=-1)
+    row1 = ops.stack([-sy * sin, sy * cos], axis=-1)
+    lin = ops.stack([row0, row1], axis=-2)  # [..., 2, 2]
+    crop_c = ops.convert_to_tensor([(out_w - 1) * 0.5, (out_h - 1) * 0.5], "float32")
+    t = crop_c - ops.sum(lin * center[..., None, :], axis=-1)
+    return ops.concatenate([lin, t[..., None]], axis=-1)
 
 
-def invert_affine(matrix: np.ndarray) -> np.ndarray:
-    """Inverse of a [2, 3] affine matrix (or a batch [..., 2, 3])."""
-    m = np.asarray(matrix, np.float64)
-    lin, t = m[..., :2], m[..., 2:]
-    inv = np.linalg.inv(lin)
-    return np.concatenate([inv, -inv @ t], axis=-1).astype(np.float32)
+def invert_affine(matrix):
+    """Inverse of a [2, 3] affine matrix (or a batch [..., 2, 3]), float32."""
+    m = ops.cast(ops.convert_to_tensor(matrix), "float32")
+    a, b, c, d = m[..., 0, 0], m[..., 0, 1], m[..., 1, 0], m[..., 1, 1]
+    det = a * d - b * c
+    inv = ops.stack([ops.stack([d, -b], -1), ops.stack([-c, a], -1)], -2) / det[..., None, None]
+    t = -ops.sum(inv * m[..., None, :, 2], axis=-1)
+    return ops.concatenate([inv, t[..., None]], axis=-1)
 
 
-def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """Apply a [2, 3] affine matrix to points [..., 2] (extra trailing columns are kept)."""
-    pts = np.asarray(points, np.float32)
-    m = np.asarray(matrix, np.float32)
-    xy = pts[..., :2] @ m[:, :2].T + m[:, 2]
-    return np.concatenate([xy, pts[..., 2:]], axis=-1) if pts.shape[-1] > 2 else xy
+def transform_points(points, matrix):
+    """Apply [2, 3] matrices to points [..., 2] (extra trailing columns are kept).
+
+    ``matrix`` [2, 3] applies to every point; [B, 2, 3] to points [B, ..., 2].
+    """
+    pts = ops.cast(ops.convert_to_tensor(points), "float32")
+    m = ops.cast(ops.convert_to_tensor(matrix), "float32")
+    while len(m.shape) > 2 and len(m.shape) - 2 < len(pts.shape) - 1:
+        m = ops.expand_dims(m, -3)  # [B, 2, 3] against points [B, K, 2]
+    x, y = pts[..., 0], pts[..., 1]
+    out_x = m[..., 0, 0] * x + m[..., 0, 1] * y + m[..., 0, 2]
+    out_y = m[..., 1, 0] * x + m[..., 1, 1] * y + m[..., 1, 2]
+    xy = ops.stack([out_x, out_y], axis=-1)
+    return ops.concatenate([xy, pts[..., 2:]], axis=-1) if pts.shape[-1] > 2 else xy
+
+
+def crop_to_image(keypoints, matrices, image_hw):
+    """Input-crop keypoints [n, K, 2] -> image pixels, clipped to the images [n, 2] (H, W).
+
+    Every inference path (evaluate, predict, the SavedModel) ends here, so keypoints always
+    lie inside the image (a peak at the crop's border maps to the nearest image pixel).
+
+    Example:
+        >>> m = crop_affine([[10.0, 10.0]], [[20.0, 20.0]], (40, 40))
+        >>> np.asarray(crop_to_image([[[19.5, 19.5], [80.0, -3.0]]], m, [[15, 30]])).tolist()
+        [[[10.0, 10.0], [29.0, 0.0]]]
+    """
+    xy = transform_points(ops.convert_to_tensor(keypoints)[..., :2], invert_affine(matrices))
+    hw = ops.cast(ops.convert_to_tensor(image_hw), "float32")
+    high = ops.flip(hw, axis=-1)[..., None, :] - 1.0  # (W - 1, H - 1) [n, 1, 2]
+    return ops.maximum(ops.minimum(xy, high), 0.0)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -370,41 +410,162 @@ def _blur(maps, sigma: float):
 
 
 # --------------------------------------------------------------------------- codec object
-@dataclass(frozen=True)
-class HeatmapCodec:
-    """Encode and decode with one set of settings, so training and inference cannot drift.
+class CodecError(ValueError):
+    """A codec setting is invalid; the message names the field."""
 
-    Keypoints are in *input-crop* pixels on both sides; heatmaps are [B, H/s, W/s, C].
+
+@dataclass(frozen=True)
+class Codec:
+    """Everything that turns images and keypoints into model inputs and targets and back.
+
+    ONE float32 object, built from the recipe (:meth:`kpnet.recipe.Recipe.codec`), saved in
+    the keypoints model (the decoder layer's config, the SavedModel's ``metadata()``) and
+    used by every path: the losses encode with its sigmas, the decoder decodes with its
+    options, and the pipeline, ``kpnet predict``, ``kpnet evaluate`` and the SavedModel crop
+    with its geometry (:meth:`crop_matrices`, :meth:`to_image`).
 
     Example:
-        >>> codec = HeatmapCodec(input_size=(256, 192), stride=4, sigma=2.0)
-        >>> kp = np.array([[[100.0, 60.0, 2.0]]], "float32")
-        >>> hm = codec.encode(kp)
-        >>> tuple(hm.shape)
-        (1, 64, 48, 1)
-        >>> xy, scores = codec.decode(hm)
+        >>> codec = Codec(input_size=(256, 192), refine_sigma=2.0)
+        >>> kp = np.array([[[100.0, 60.0, 2.0]]], "float32")        # input pixels
+        >>> xy, scores = codec.decode(codec.encode(kp))
         >>> np.asarray(xy, "float64").round(2).tolist()
         [[[100.0, 60.0]]]
+        >>> Codec.from_dict(codec.to_dict()) == codec
+        True
+
+    Args:
+        input_size: (H, W) of the model input, both divisible by 32.
+        stride: input pixels per heatmap pixel.
+        global_sigmas: Gaussian sigma (heatmap px) of the GlobalNet targets, P2..P5.
+        refine_sigma: sigma of the RefineNet target; DARK decoding smooths with it.
+        mode: ``"topdown"`` (a crop around each box), ``"whole"`` (the whole frame,
+            aspect kept) or ``"random_crop"`` (training: a random window holding the box;
+            inference: the whole frame).
+        padding: (x, y) extension of top-down boxes.
+        train_box_extend: extra extension of top-down crops while training.
+        method: decoding, ``"dark"``, ``"quarter"`` or ``"argmax"``.
+        flip_test: average the heatmaps with those of the mirrored crop.
+        max_peaks: peaks searched per shared channel (None: its number of keypoints).
+        threshold, min_distance: shared-channel peaks (heatmap value, heatmap px).
     """
 
-    input_size: tuple[int, int]
+    input_size: tuple[int, int] = (256, 192)
     stride: int = 4
-    sigma: float = DEFAULT_REFINE_SIGMA
-    channels: tuple[int, ...] | None = None
+    global_sigmas: tuple[float, ...] = DEFAULT_GLOBAL_SIGMAS
+    refine_sigma: float = DEFAULT_REFINE_SIGMA
+    mode: str = "topdown"
+    padding: tuple[float, float] = DEFAULT_PADDING
+    train_box_extend: float = DEFAULT_TRAIN_BOX_EXTEND
     method: str = "dark"
+    flip_test: bool = False
+    max_peaks: int | None = None
+    threshold: float = 0.1
+    min_distance: int = 2
 
+    def __post_init__(self) -> None:
+        fix = functools.partial(object.__setattr__, self)
+        fix("input_size", tuple(int(v) for v in self.input_size))
+        fix("stride", int(self.stride))
+        fix("global_sigmas", tuple(float(s) for s in self.global_sigmas))
+        fix("refine_sigma", float(self.refine_sigma))
+        fix("padding", tuple(float(v) for v in self.padding))
+        fix("train_box_extend", float(self.train_box_extend))
+        fix("flip_test", bool(self.flip_test))
+        fix("max_peaks", None if self.max_peaks is None else int(self.max_peaks))
+        fix("threshold", float(self.threshold))
+        fix("min_distance", int(self.min_distance))
+        self._check()
+
+    def _check(self) -> None:
+        h_w = self.input_size
+        if len(h_w) != 2 or any(v <= 0 or v % 32 for v in h_w):
+            raise CodecError(f"codec.input_size: {list(h_w)} must be 2 multiples of 32")
+        if self.stride <= 0 or any(v % self.stride for v in h_w):
+            raise CodecError(f"codec.stride: {self.stride} must divide {list(h_w)}")
+        if self.mode not in CROP_MODES:
+            raise CodecError(f"codec.mode: {self.mode!r} is not one of {CROP_MODES}")
+        if self.method not in DECODE_METHODS:
+            raise CodecError(f"codec.method: {self.method!r} is not one of {DECODE_METHODS}")
+        if len(self.padding) != 2 or min(self.padding) <= 0:
+            raise CodecError(f"codec.padding: {list(self.padding)} must be 2 numbers > 0")
+        if len(self.global_sigmas) != len(OUTPUT_NAMES) - 1:
+            raise CodecError(f"codec.global_sigmas: need 4 values (P2..P5), got "
+                             f"{list(self.global_sigmas)}")  # fmt: skip
+        numbers = (*self.global_sigmas, self.refine_sigma, self.train_box_extend, self.threshold)
+        if not all(np.isfinite(numbers)) or min(*self.global_sigmas, self.refine_sigma) <= 0:
+            raise CodecError("codec: sigmas must be finite and > 0, other numbers finite")
+        if self.max_peaks is not None and self.max_peaks < 1 or self.min_distance < 0:
+            raise CodecError("codec: max_peaks must be >= 1 and min_distance >= 0")
+
+    # -- serialization -----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (lists for tuples); :meth:`from_dict` inverts it."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Codec:
+        """A codec from :meth:`to_dict`'s output; unknown keys are refused."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise CodecError(f"codec: unknown keys {unknown}")
+        return cls(**data)
+
+    def replace(self, **changes) -> Codec:
+        """A copy with some fields changed (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- sizes -------------------------------------------------------------------------
     @property
     def heatmap_size(self) -> tuple[int, int]:
-        return (int(self.input_size[0]) // self.stride, int(self.input_size[1]) // self.stride)
+        return (self.input_size[0] // self.stride, self.input_size[1] // self.stride)
 
-    def encode(self, keypoints, sigma: float | None = None):
+    @property
+    def aspect_ratio(self) -> float:
+        """Input width / height."""
+        return self.input_size[1] / self.input_size[0]
+
+    # -- geometry ----------------------------------------------------------------------
+    def regions(self, boxes, image_hw, training: bool = False):
+        """(center, size) [n, 2] of the crop regions of boxes [n, 4] in images [n, 2] (H, W).
+
+        Top-down: the box with ``padding`` (times ``train_box_extend`` when training);
+        a box with w <= 0 or h <= 0, and every box in ``whole`` / ``random_crop`` mode
+        (inference), stands for the whole image, letterboxed with the aspect kept.
+        """
+        boxes = ops.cast(ops.convert_to_tensor(boxes), "float32")
+        hw = ops.cast(ops.convert_to_tensor(image_hw), "float32")
+        zeros = ops.zeros_like(hw)
+        image_box = ops.concatenate([zeros, ops.flip(hw, axis=-1)], axis=-1)  # (0, 0, W, H)
+        whole = ops.logical_or(boxes[..., 2] <= 0, boxes[..., 3] <= 0)
+        if self.mode != "topdown":
+            whole = ops.logical_or(whole, True)
+        boxes = ops.where(whole[..., None], image_box, boxes)
+        pad = ops.where(whole[..., None], 1.0, ops.convert_to_tensor(self.padding, "float32"))
+        center, size = box_to_center_scale(boxes, self.aspect_ratio, pad)
+        if training and self.mode == "topdown":
+            size = size * self.train_box_extend
+        return center, size
+
+    def crop_matrices(self, boxes, image_hw):
+        """[n, 2, 3] image -> input crop matrices for inference (see :meth:`regions`).
+
+        Example:
+            >>> m = Codec((256, 192)).crop_matrices([[0, 0, 0, 0]], [[480, 640]])
+            >>> np.asarray(m).round(3).tolist()   # the whole 640x480 frame, letterboxed
+            [[[0.3, 0.0, -0.35], [0.0, 0.3, 55.65]]]
+        """
+        center, size = self.regions(boxes, image_hw)
+        return crop_affine(center, size, self.input_size)
+
+    # -- encoding / decoding ------------------------------------------------------------
+    def encode(self, keypoints, sigma: float | None = None, channels=None):
         """[B, K, 3] input-pixel keypoints -> [B, H/s, W/s, C] Gaussian heatmaps."""
         kp = ops.cast(ops.convert_to_tensor(keypoints), "float32")
         hm_xy = input_to_heatmap(kp[..., :2], self.stride)
         kp = ops.concatenate([hm_xy, kp[..., 2:3]], axis=-1)
-        return render_heatmaps(kp, self.heatmap_size, sigma or self.sigma, self.channels)
+        return render_heatmaps(kp, self.heatmap_size, sigma or self.refine_sigma, channels)
 
     def decode(self, heatmaps):
         """Heatmaps -> (xy [B, C, 2] input pixels, scores [B, C]) (one peak per channel)."""
-        xy, scores = decode_heatmaps(heatmaps, self.method, self.sigma)
+        xy, scores = decode_heatmaps(heatmaps, self.method, self.refine_sigma)
         return heatmap_to_input(xy, self.stride), scores

@@ -23,14 +23,13 @@ import contextlib
 import copy
 import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from kpnet.codec import invert_affine, transform_points
 from kpnet.data.records import DataError, InstanceRecord
 from kpnet.spec import COCO17_SIGMAS, KeypointSpec
 
@@ -565,142 +564,6 @@ def _check_predictions(pred_xy, pred_scores, records, spec) -> tuple[np.ndarray,
                 f"{np.shape(rec.keypoints)}, the spec expects ({k}, 3)"
             )
     return xy[..., :2], scores
-
-
-def predict_records(
-    keypoints_model: Any,
-    batches: Iterable[Any],
-    num_records: int,
-    spec: KeypointSpec | None = None,
-    flip_test: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run a keypoints model on ``(images, keypoints, meta)`` batches; image-px predictions.
-
-    ``meta["affine"]`` maps image -> crop; ``meta["index"]`` gives each sample's record
-    index. Returns (xy [N, K, 2], scores [N, K]) in record order.
-    """
-    xy = scores = None
-    seen = np.zeros(num_records, bool)
-    for images, _, meta in batches:
-        kp, sc = _predict(keypoints_model, images)
-        if flip_test:
-            kp, sc = _flip_average(keypoints_model, images, kp, sc, spec)
-        if xy is None:
-            xy = np.zeros((num_records, kp.shape[1], 2), np.float32)
-            scores = np.zeros((num_records, kp.shape[1]), np.float32)
-        inverse = invert_affine(np.asarray(meta["affine"]))
-        index = np.asarray(meta["index"]).astype(np.int64)
-        for b, i in enumerate(index):
-            xy[i] = transform_points(kp[b], inverse[b])
-        scores[index] = sc
-        seen[index] = True
-    if not seen.all():
-        raise DataError(
-            f"evaluate: {int((~seen).sum())} of {num_records} records got no "
-            "prediction (the dataset skipped them); fix or drop those records"
-        )
-    return xy, scores
-
-
-def _predict(model: Any, images: Any) -> tuple[np.ndarray, np.ndarray]:
-    from keras import ops
-
-    out = model.predict_on_batch(images) if hasattr(model, "predict_on_batch") else model(images)
-    kp = np.asarray(ops.convert_to_numpy(out["keypoints"]), np.float32)
-    return kp[..., :2], np.asarray(ops.convert_to_numpy(out["scores"]), np.float32)
-
-
-def _flip_average(model, images, kp, sc, spec) -> tuple[np.ndarray, np.ndarray]:
-    """Average with the mirrored crops' predictions (coordinate level)."""
-    if spec is None:
-        raise ValueError("flip_test needs the keypoint spec (flip pairs)")
-    images = np.asarray(images)
-    kf, sf = _predict(model, np.ascontiguousarray(images[:, :, ::-1]))
-    kf[..., 0] = images.shape[2] - 1 - kf[..., 0]
-    flip = list(spec.flip_index)
-    kf, sf = kf[:, flip], sf[:, flip]
-    for b in range(len(kp)):
-        for _, members in _shared_groups(spec):
-            m = np.array(members)
-            src = m.copy()
-            for i, j, _ in match_points(kp[b, m], kf[b, m]):
-                src[i] = m[j]
-            kf[b, m], sf[b, m] = kf[b, src], sf[b, src]
-    return (kp + kf) / 2, (sc + sf) / 2
-
-
-def evaluate_model(
-    keypoints_model: Any,
-    records: Sequence[InstanceRecord],
-    spec: KeypointSpec,
-    pipeline_config: Any,
-    batch_size: int = 32,
-    flip_test: bool = False,
-    **metric_options: Any,
-) -> dict[str, Any]:
-    """Predict every record through the evaluation pipeline and compute all metrics.
-
-    Example:
-        >>> m = evaluate_model(kpnet.load_model("model.keras"), records, spec,
-        ...                    PipelineConfig())                       # doctest: +SKIP
-
-    ``flip_test`` averages coordinates with those of the mirrored crops (for models that do
-    not flip inside the graph). ``metric_options`` go to :func:`evaluate_predictions`.
-    The result also holds ``predictions``: COCO keypoint results (:func:`to_coco_results`).
-    """
-    xy, scores = _predict_all(keypoints_model, records, spec, pipeline_config, batch_size,
-                              flip_test)  # fmt: skip
-    metrics = evaluate_predictions(xy, scores, records, spec, **metric_options)
-    metrics["predictions"] = to_coco_results(records, xy, scores)
-    return metrics
-
-
-def evaluate_detections(
-    keypoints_model: Any,
-    detections: Sequence[InstanceRecord],
-    spec: KeypointSpec,
-    pipeline_config: Any,
-    ground_truth: Any,
-    batch_size: int = 32,
-    flip_test: bool = False,
-    oks_nms_threshold: float | None = None,
-) -> dict[str, Any]:
-    """COCO keypoint AP of a model on detector boxes, against the ground-truth json.
-
-    The top-down protocol of CPN and SimpleBaselines: one crop per detection (records from
-    :func:`kpnet.data.coco.load_coco_records` with ``boxes_file``), instance score = the
-    detection score times the mean confident keypoint score (:func:`to_coco_results`),
-    optional per-image OKS-NMS, then pycocotools against every ground-truth instance of the
-    evaluated images (missed people count, as do false detections).
-
-    Example:
-        >>> spec, dets = load_coco_records("person_keypoints_val2017.json", "val2017",
-        ...                                boxes_file="detections.json")   # doctest: +SKIP
-        >>> model = kpnet.load_model("best.keras")                          # doctest: +SKIP
-        >>> r = evaluate_detections(model, dets, spec, PipelineConfig(),
-        ...                         "person_keypoints_val2017.json")        # doctest: +SKIP
-        >>> r["coco"]["AP"]                                                 # doctest: +SKIP
-
-    Returns ``{"num_detections", "coco": coco_keypoint_ap(...), "predictions"}``.
-    """
-    if spec.sigmas is None:
-        raise DataError("evaluate: detection boxes are scored by OKS AP, which needs spec.sigmas")
-    xy, scores = _predict_all(keypoints_model, detections, spec, pipeline_config, batch_size,
-                              flip_test)  # fmt: skip
-    predictions = to_coco_results(detections, xy, scores)
-    coco = coco_keypoint_ap(ground_truth, predictions, spec.sigmas, oks_nms_threshold)
-    return {"num_detections": len(detections), "coco": coco, "predictions": predictions}
-
-
-def _predict_all(model, records, spec, pipeline_config, batch_size, flip_test):
-    """(xy [N, K, 2], scores [N, K]) in image pixels for every record, via the eval pipeline."""
-    from kpnet.data.pipeline import build_dataset
-
-    dataset = build_dataset(
-        records, spec, pipeline_config, batch_size, training=False, with_meta=True
-    )
-    batches = dataset.as_numpy_iterator() if hasattr(dataset, "as_numpy_iterator") else dataset
-    return predict_records(model, batches, len(records), spec, flip_test)
 
 
 # --------------------------------------------------------------------------- printing

@@ -27,7 +27,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from kpnet import codec
+from kpnet import codec as codec_lib
 from kpnet.spec import KeypointSpec, SpecError
 
 HEATMAP_MODEL_NAME = "heatmaps"
@@ -56,48 +56,54 @@ class HorizontalFlip(keras.layers.Layer):
         return {**super().get_config(), "channel_index": self.channel_index}
 
 
+#: Decoding options of :class:`kpnet.codec.Codec` that ``load_model(**options)`` may change.
+DECODE_OPTIONS: tuple[str, ...] = ("method", "flip_test", "max_peaks", "threshold",
+                                   "min_distance", "refine_sigma")  # fmt: skip
+
+
 @keras.saving.register_keras_serializable(package="kpnet")
 class KeypointDecoder(keras.layers.Layer):
     """Heatmaps [B, h, w, C] -> {"keypoints": [B, K, 2] input pixels, "scores": [B, K]}.
 
-    Keypoints that share a channel (``spec.shares_channels``) receive that channel's peaks
-    (:func:`kpnet.codec.decode_multi_peak`) in order of decreasing score; missing peaks
-    have score 0. Other channels use :func:`kpnet.codec.decode_heatmaps`.
+    Decodes with the model's :class:`kpnet.codec.Codec` (stored in this layer's config, so
+    a saved keypoints model carries its codec), always in float32, whatever the global
+    mixed-precision policy. Keypoints that share a channel (``spec.shares_channels``)
+    receive that channel's peaks (:func:`kpnet.codec.decode_multi_peak`) in order of
+    decreasing score; missing peaks have score 0. Other channels use
+    :func:`kpnet.codec.decode_heatmaps`.
+
+    Scores are the heatmap's peak value clipped to [0, 1]: the training target peaks at 1
+    on a keypoint, so ~1 means a confident, well-placed peak and ~0 that nothing was found
+    (like DeepLabCut's likelihood, not a calibrated probability).
 
     Args:
         spec: the :class:`KeypointSpec` or its ``to_dict()``.
-        stride: input pixels per heatmap pixel.
-        method: ``"dark"``, ``"quarter"`` or ``"argmax"``.
-        sigma: Gaussian sigma of the decoded output (DARK smoothing).
-        max_peaks: peaks searched per shared channel (default: its number of keypoints).
-        threshold, min_distance: multi-peak options (heatmap value, heatmap pixels).
+        codec: the :class:`kpnet.codec.Codec` or its ``to_dict()``.
     """
 
     def __init__(
         self,
         spec: KeypointSpec | dict[str, Any],
-        stride: int = 4,
-        method: str = "dark",
-        sigma: float = codec.DEFAULT_REFINE_SIGMA,
-        max_peaks: int | None = None,
-        threshold: float = 0.1,
-        min_distance: int = 2,
+        codec: codec_lib.Codec | dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
+        legacy = {k: kwargs.pop(k) for k in _LEGACY_KEYS if k in kwargs}  # kpnet <= 0.1 files
+        kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         self.spec = spec if isinstance(spec, KeypointSpec) else KeypointSpec.from_dict(spec)
-        if method not in codec.DECODE_METHODS:
-            raise ValueError(f"KeypointDecoder: method {method!r} not in {codec.DECODE_METHODS}")
+        self.codec = _as_codec(codec, legacy)
         most = max(len(self.spec.keypoints_in_channel(c)) for c in range(self.spec.num_channels))
-        if max_peaks is not None and int(max_peaks) < most:
+        max_peaks = self.codec.max_peaks
+        if max_peaks is not None and max_peaks < most:
             raise ValueError(
                 f"KeypointDecoder: max_peaks={max_peaks} but a channel holds {most} keypoints"
             )
-        self.stride, self.method, self.sigma = int(stride), method, float(sigma)
-        self.max_peaks = None if max_peaks is None else int(max_peaks)
-        self.threshold, self.min_distance = float(threshold), int(min_distance)
-        self._num_peaks = (self.max_peaks or most) if self.spec.shares_channels else 0
+        self._num_peaks = (max_peaks or most) if self.spec.shares_channels else 0
         self._gather = self._gather_index()
+
+    @property
+    def stride(self) -> int:
+        return self.codec.stride
 
     def _gather_index(self) -> list[int]:
         """Index of each keypoint in the flattened [C, 1 + N] table (single peak, then N)."""
@@ -110,44 +116,47 @@ class KeypointDecoder(keras.layers.Layer):
         return out
 
     def call(self, heatmaps):
+        c = self.codec
         heatmaps = ops.cast(heatmaps, "float32")
-        xy, scores = codec.decode_heatmaps(heatmaps, self.method, self.sigma)
+        xy, scores = codec_lib.decode_heatmaps(heatmaps, c.method, c.refine_sigma)
         xy, scores = xy[:, :, None], scores[:, :, None]  # [B,C,1,2], [B,C,1]
         if self.spec.shares_channels:
-            mxy, msc = codec.decode_multi_peak(
-                heatmaps, self._num_peaks, self.threshold, self.min_distance,
-                self.method, self.sigma,
-            )  # fmt: skip
+            mxy, msc = codec_lib.decode_multi_peak(
+                heatmaps, self._num_peaks, c.threshold, c.min_distance, c.method, c.refine_sigma
+            )
             xy = ops.concatenate([xy, mxy], axis=2)
             scores = ops.concatenate([scores, msc], axis=2)
         rows = self.spec.num_channels * (1 + self._num_peaks)
         xy = ops.take(ops.reshape(xy, (-1, rows, 2)), self._gather, axis=1)
         scores = ops.take(ops.reshape(scores, (-1, rows)), self._gather, axis=1)
-        return {"keypoints": codec.heatmap_to_input(xy, self.stride), "scores": scores}
+        return {
+            "keypoints": codec_lib.heatmap_to_input(xy, c.stride),
+            "scores": ops.clip(scores, 0.0, 1.0),
+        }
 
     def get_config(self) -> dict[str, Any]:
-        return {
-            **super().get_config(),
-            "spec": self.spec.to_dict(),
-            "stride": self.stride,
-            "method": self.method,
-            "sigma": self.sigma,
-            "max_peaks": self.max_peaks,
-            "threshold": self.threshold,
-            "min_distance": self.min_distance,
-        }
+        return {**super().get_config(), "spec": self.spec.to_dict(), "codec": self.codec.to_dict()}
+
+
+_LEGACY_KEYS = ("stride", "method", "sigma", "max_peaks", "threshold", "min_distance")
+
+
+def _as_codec(codec, legacy: dict[str, Any]) -> codec_lib.Codec:
+    if isinstance(codec, codec_lib.Codec):
+        return codec
+    if isinstance(codec, dict):
+        return codec_lib.Codec.from_dict(codec)
+    if "sigma" in legacy:
+        legacy["refine_sigma"] = legacy.pop("sigma")
+    return codec_lib.Codec(**legacy)
 
 
 def build_keypoints_model(
     heatmap_model: keras.Model,
     spec: KeypointSpec,
-    method: str = "dark",
-    flip_test: bool = False,
-    max_peaks: int | None = None,
-    threshold: float = 0.1,
-    min_distance: int = 2,
-    sigma: float = codec.DEFAULT_REFINE_SIGMA,
+    codec: codec_lib.Codec | None = None,
     output: str = "refine",
+    **decode_options: Any,
 ) -> keras.Model:
     """Wrap a heatmap model into a model whose ``predict()`` returns keypoints.
 
@@ -155,8 +164,11 @@ def build_keypoints_model(
         heatmap_model: images [B, H, W, 3] -> heatmaps [B, h, w, C] or a dict of them
             (``output`` picks one, default the RefineNet's).
         spec: the keypoint spec (``spec.num_channels`` must equal C).
-        flip_test: also run the horizontally flipped batch and average the heatmaps.
-        method, max_peaks, threshold, min_distance, sigma: see :class:`KeypointDecoder`.
+        codec: the model's :class:`kpnet.codec.Codec` (default: one for its input size);
+            its ``flip_test`` also runs the horizontally flipped batch and averages the
+            heatmaps, in float32.
+        **decode_options: codec fields to change (:data:`DECODE_OPTIONS`; ``sigma`` is
+            ``refine_sigma``).
 
     Returns:
         A functional model: images (RGB 0..255) -> {"keypoints" [B, K, 2] input pixels,
@@ -164,6 +176,7 @@ def build_keypoints_model(
     """
     heatmaps_net = _named_heatmap_model(heatmap_model)
     in_shape = tuple(heatmaps_net.inputs[0].shape[1:])
+    codec = _with_options(codec or codec_lib.Codec(input_size=in_shape[:2]), decode_options)
     images = keras.Input(in_shape, name="images")
     heatmaps = _pick_output(heatmaps_net(images), output)
     if int(heatmaps.shape[-1]) != spec.num_channels:
@@ -171,15 +184,48 @@ def build_keypoints_model(
             f"the heatmap model outputs {heatmaps.shape[-1]} channels but the spec has "
             f"{spec.num_channels}; pass the spec the model was trained with"
         )
-    if flip_test:
-        flipped = _pick_output(heatmaps_net(HorizontalFlip(name="flip_images")(images)), output)
-        unflip = HorizontalFlip(list(spec.channel_flip_index), name="unflip_heatmaps")
-        heatmaps = keras.layers.Average(name="flip_average")([heatmaps, unflip(flipped)])
     stride = _stride(in_shape, heatmaps.shape)
-    decoder = KeypointDecoder(
-        spec.to_dict(), stride, method, sigma, max_peaks, threshold, min_distance, name="decode"
-    )
+    if tuple(in_shape[:2]) != codec.input_size or stride != codec.stride:
+        raise ValueError(
+            f"the codec's input size {codec.input_size} / stride {codec.stride} do not match "
+            f"the heatmap model's {tuple(in_shape[:2])} / {stride}"
+        )
+    if codec.flip_test:
+        flipped = HorizontalFlip(name="flip_images", dtype="float32")(images)
+        flipped = _pick_output(heatmaps_net(flipped), output)
+        unflip = HorizontalFlip(list(spec.channel_flip_index), name="unflip_heatmaps",
+                                dtype="float32")  # fmt: skip
+        heatmaps = keras.layers.Average(name="flip_average", dtype="float32")(
+            [heatmaps, unflip(flipped)]
+        )
+    decoder = KeypointDecoder(spec.to_dict(), codec.to_dict(), name="decode")
     return keras.Model(images, decoder(heatmaps), name="keypoints")
+
+
+def _with_options(codec: codec_lib.Codec, options: dict[str, Any]) -> codec_lib.Codec:
+    options = dict(options)
+    if "sigma" in options:
+        options["refine_sigma"] = options.pop("sigma")
+    unknown = sorted(set(options) - set(DECODE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown decode options {unknown}; choose from {DECODE_OPTIONS}")
+    return codec.replace(**options) if options else codec
+
+
+def decoder_of(keypoints_model: keras.Model) -> KeypointDecoder:
+    """The :class:`KeypointDecoder` layer of a keypoints model (ValueError if none)."""
+    for layer in keypoints_model.layers:
+        if isinstance(layer, KeypointDecoder):
+            return layer
+    raise ValueError(
+        f"model {keypoints_model.name!r} has no KeypointDecoder; wrap heatmap models with "
+        "kpnet.inference.build_keypoints_model first"
+    )
+
+
+def codec_of(keypoints_model: keras.Model) -> codec_lib.Codec:
+    """The codec a keypoints model decodes (and crops) with."""
+    return decoder_of(keypoints_model).codec
 
 
 def with_heatmaps(keypoints_model: keras.Model) -> keras.Model:
@@ -194,32 +240,65 @@ def with_heatmaps(keypoints_model: keras.Model) -> keras.Model:
     )
 
 
-def load_model(path: str | Path, spec: KeypointSpec | dict | None = None, **options: Any):
+def load_model(
+    path: str | Path,
+    spec: KeypointSpec | dict | None = None,
+    codec: codec_lib.Codec | None = None,
+    **options: Any,
+):
     """Load a keypoints model, or a heatmap model and wrap it (see build_keypoints_model).
 
     Args:
-        path: a ``.keras`` file holding a keypoints model or a heatmap model.
+        path: a ``.keras`` file holding a keypoints model or a heatmap model, or a run
+            folder (its ``keypoints.keras``, else ``best.keras`` / ``last.keras``).
         spec: spec of a heatmap model; default: ``spec.json`` beside ``path``.
-        **options: decode options of :func:`build_keypoints_model`; given for a keypoints
-            model, its heatmap model is re-wrapped with them (other options kept).
+        codec: codec of a heatmap model; default: ``codec.json`` beside ``path`` (written
+            by ``kpnet fit``), else the defaults for the model's input size.
+        **options: decode options (:data:`DECODE_OPTIONS`); given for a keypoints model,
+            its heatmap model is re-wrapped with its codec so changed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"load_model: no model file at {path}")
+    path = resolve_model_path(path)
     _register_model_layers()
     model = keras.saving.load_model(path, compile=False, safe_mode=True)  # inference only
     decoders = [layer for layer in model.layers if isinstance(layer, KeypointDecoder)]
     if decoders:
-        if not options:
+        if not options and codec is None:
             return model
-        config = decoders[0].get_config()
-        kept = {k: config[k] for k in ("method", "sigma", "max_peaks", "threshold", "min_distance")}
-        kept["flip_test"] = any(layer.name == "flip_average" for layer in model.layers)
-        options = {**kept, **options}
-        spec = spec or decoders[0].spec
+        spec, codec = spec or decoders[0].spec, codec or decoders[0].codec
         model = model.get_layer(HEATMAP_MODEL_NAME)
     spec = _resolve_spec(spec, path)
-    return build_keypoints_model(model, spec, **options)
+    codec = codec or _saved_codec(path)
+    return build_keypoints_model(model, spec, codec, **options)
+
+
+#: Model files of a run folder, in order of preference.
+RUN_MODEL_FILES: tuple[str, ...] = ("keypoints.keras", "best.keras", "last.keras")
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A ``.keras`` file as is; a run folder -> its model (:data:`RUN_MODEL_FILES` order)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in RUN_MODEL_FILES:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path}: a run folder needs one of {', '.join(RUN_MODEL_FILES)}")
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    if path.suffix != ".keras":
+        raise FileNotFoundError(f"{path}: a model must be a .keras file or a run folder")
+    return path
+
+
+def _saved_codec(path: Path) -> codec_lib.Codec | None:
+    """The codec in ``codec.json`` beside a heatmap model, or None."""
+    codec_file = path.with_name("codec.json")
+    if not codec_file.is_file():
+        return None
+    try:
+        return codec_lib.Codec.from_dict(json.loads(codec_file.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise SpecError(f"{codec_file}: not a kpnet codec ({err})") from None
 
 
 def _resolve_spec(spec: KeypointSpec | dict | None, path: Path) -> KeypointSpec:

@@ -2,19 +2,22 @@
 
 Example:
     $ kpnet evaluate --gt person_keypoints_val.json --predictions results.json -o metrics.json
-    $ kpnet evaluate runs/pins/model.keras pins.yaml -o runs/pins/eval --set data.batch_size=8
+    $ kpnet evaluate runs/pins                      # a run folder: its model and its recipe
+    $ kpnet evaluate runs/pins/best.keras pins.yaml -o runs/pins/eval --no-flip-test
     $ kpnet evaluate runs/coco/best.keras coco.yaml --detections \
         --set data.coco.val_boxes=person_detections_val2017.json --oks-nms 0.9
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import click
 
+from kpnet.codec import CodecError
 from kpnet.spec import COCO17_SIGMAS, SpecError
 
 
@@ -39,7 +42,9 @@ from kpnet.spec import COCO17_SIGMAS, SpecError
 )
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Recipe override.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
-@click.option("--flip-test", is_flag=True, help="Average with the mirrored crops' heatmaps.")
+@click.option("--flip-test/--no-flip-test", default=None,
+              help="Average with the mirrored crops' heatmaps (default: the recipe's "
+                   "evaluation.flip_test).")
 @click.option(
     "--detections",
     is_flag=True,
@@ -56,10 +61,14 @@ def evaluate(
     output: str | None,
     overrides: tuple[str, ...],
     batch_size: int,
-    flip_test: bool,
+    flip_test: bool | None,
     detections: bool,
 ) -> None:
-    """Evaluate keypoints: `--gt GT --predictions DT`, or `MODEL RECIPE` on the validation data."""
+    """Evaluate keypoints: `--gt GT --predictions DT`, or `MODEL [RECIPE]` on the validation
+    data (MODEL: a .keras file or a run folder; RECIPE: default the run's resolved recipe).
+
+    The validation crops, decoding and flip test are the recipe's (its codec), as in
+    `kpnet fit` and `kpnet predict`."""
     from kpnet.data.records import DataError
 
     try:
@@ -67,13 +76,13 @@ def evaluate(
             if not (gt and predictions) or model or recipe:
                 raise click.UsageError("--gt and --predictions go together, without MODEL RECIPE")
             _evaluate_files(gt, predictions, sigmas, oks_nms, output)
-        elif model and recipe:
+        elif model:
             _evaluate_model(
                 model, recipe, overrides, output, batch_size, flip_test, oks_nms, detections
             )
         else:
-            raise click.UsageError("give MODEL RECIPE, or --gt GT.json --predictions DT.json")
-    except (DataError, SpecError, FileNotFoundError) as err:
+            raise click.UsageError("give MODEL [RECIPE], or --gt GT.json --predictions DT.json")
+    except (DataError, SpecError, CodecError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
 
 
@@ -91,15 +100,16 @@ def _evaluate_files(
 
 def _evaluate_model(
     model_path: str,
-    recipe_path: str,
+    recipe_path: str | None,
     overrides: tuple[str, ...],
     output: str | None,
     batch_size: int,
-    flip_test: bool,
+    flip_test: bool | None,
     oks_nms: float | None,
     detections: bool,
 ) -> None:
-    from kpnet.evaluate import evaluate_detections, evaluate_model, format_table
+    from kpnet.evaluate import format_table
+    from kpnet.runner import evaluate_detections, evaluate_model
 
     recipe, model, (spec, records, config) = _load(
         model_path, recipe_path, overrides, flip_test, detections
@@ -120,14 +130,22 @@ def _evaluate_model(
 
 
 def _load(model_path, recipe_path, overrides, flip_test, detections: bool = False):
-    """(recipe, keypoints model, (spec, validation records, pipeline config))."""
+    """(recipe, keypoints model, (spec, validation records, pipeline config)).
+
+    The model is wrapped with the recipe's codec (decoding, flip test, crop geometry), with
+    ``flip_test`` (when not None) overriding the recipe's ``evaluation.flip_test``.
+    """
     from kpnet.inference import load_model
     from kpnet.recipe import RecipeError, load_recipe
+    from kpnet.train import load_validation
 
-    try:
-        from kpnet.train import load_validation
-    except ImportError as err:
-        raise click.ClickException(f"evaluating a model needs kpnet.train ({err})") from None
+    if recipe_path is None:
+        folder = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
+        recipe_path = folder / "recipe.resolved.yaml"
+        if not recipe_path.is_file():
+            raise click.UsageError(
+                f"{model_path}: no recipe.resolved.yaml beside the model; give RECIPE"
+            )
     try:
         recipe = load_recipe(recipe_path, list(overrides))
         if detections:
@@ -135,8 +153,11 @@ def _load(model_path, recipe_path, overrides, flip_test, detections: bool = Fals
     except RecipeError as err:
         raise click.ClickException(str(err)) from None
     spec, records, config = load_validation(recipe, detections=detections)
-    # flip test inside the graph: heatmaps of the mirrored batch are averaged before decoding
-    model = load_model(model_path, spec, **({"flip_test": True} if flip_test else {}))
+    if not records:
+        raise click.ClickException(f"{recipe_path}: the recipe has no validation records")
+    codec = config.codec if flip_test is None else config.codec.replace(flip_test=flip_test)
+    config = dataclasses.replace(config, codec=codec)
+    model = load_model(model_path, spec, codec=codec)
     return recipe, model, (spec, records, config)
 
 
@@ -156,7 +177,9 @@ def _check_detection_recipe(recipe) -> None:
 def _write_results(metrics: dict[str, Any], output: str | None, model_path: str) -> None:
     """metrics.json and predictions.json (COCO results) into ``output`` or beside the model."""
     predictions = metrics.pop("predictions")
-    out_dir = Path(output) if output else Path(model_path).resolve().parent / "evaluate"
+    model_path = Path(model_path).resolve()
+    folder = model_path if model_path.is_dir() else model_path.parent
+    out_dir = Path(output) if output else folder / "evaluate"
     _write_json(out_dir / "metrics.json", metrics)
     _write_json(out_dir / "predictions.json", predictions)
     click.echo(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.json'}")

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import click
 
-from kpnet.cli.predict import DEFAULT_PADDING, resolve_model_path
 from kpnet.data.records import DataError
 from kpnet.spec import SpecError
 
@@ -20,17 +19,16 @@ from kpnet.spec import SpecError
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="SavedModel folder (TF Serving: <models>/<name>/<version>).")  # fmt: skip
-@click.option("--flip-test", is_flag=True, help="Bake flip test into the signatures.")
-@click.option("--padding", type=float, nargs=2, default=DEFAULT_PADDING, show_default=True,
-              help="Box extension (x, y) of serving_default's crops.")  # fmt: skip
-def export(model: Path, output: Path, flip_test: bool, padding: tuple[float, float]) -> None:
+@click.option("--flip-test/--no-flip-test", default=None,
+              help="Flip test in the signatures (default: as the model was saved).")
+@click.option("--padding", type=float, nargs=2, default=None,
+              help="Box extension (x, y) of serving_default's crops (default: the model's).")
+def export(model: Path, output: Path, flip_test: bool | None, padding) -> None:
     """Export MODEL (.keras or a run folder) as a SavedModel for TF Serving."""
     from kpnet.export import SIGNATURES, export_saved_model
 
     try:
-        path = export_saved_model(
-            resolve_model_path(model), output, padding=padding, flip_test=flip_test
-        )
+        path = export_saved_model(model, output, padding=padding, flip_test=flip_test)
     except (DataError, SpecError, FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"wrote SavedModel {path} (signatures: {', '.join(SIGNATURES)})")

@@ -1,18 +1,15 @@
 """Training augmentation: random affine parameters, exact affine matrices, photometric jitter.
 
 Everything geometric is expressed as ONE [2, 3] matrix per sample (image -> input crop,
-the same convention as :func:`kpnet.codec.crop_affine`) that the pipeline applies to the
+built by :func:`kpnet.codec.crop_affine`) that the pipeline applies to the
 image and to the keypoints alike, so the two cannot disagree. Randomness is stateless and
 keyed by a seed tensor, so a pipeline is reproducible under a seed whatever its parallelism.
 
 Example:
-    >>> import numpy as np, tensorflow as tf
-    >>> from kpnet.codec import crop_affine
-    >>> m = affine_matrices(tf.constant([[50.0, 60.0]]), tf.constant([[96.0, 128.0]]),
-    ...                     tf.constant([30.0]), tf.constant([True]), (256, 192))
-    >>> ref = crop_affine((50, 60), (96, 128), (256, 192), rotation_deg=30, flip=True)
-    >>> bool(np.allclose(m[0], ref, atol=1e-4))
-    True
+    >>> import tensorflow as tf
+    >>> scale, rot, flip, _ = sample_geometry(AugmentConfig(), tf.constant([1, 2]), 4)
+    >>> tuple(scale.shape), rot.dtype.name, flip.dtype.name
+    ((4,), 'float32', 'bool')
 
 Choices (documented defaults):
 
@@ -42,6 +39,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
+from kpnet.codec import box_to_center_scale
 from kpnet.spec import COCO17_NAMES, KeypointSpec
 
 #: COCO-17 upper body for half-body augmentation (nose .. wrists).
@@ -110,49 +108,6 @@ class AugmentConfig:
         return np.array([n in names for n in spec.names])
 
 
-# --------------------------------------------------------------------------- geometry
-def aspect_fit(size: tf.Tensor, aspect_ratio: float) -> tf.Tensor:
-    """Grow (w, h) sizes [..., 2] to the crop aspect ratio w / h (as box_to_center_scale)."""
-    w, h = size[..., 0], size[..., 1]
-    wide = w > aspect_ratio * h
-    return tf.stack([tf.where(wide, w, h * aspect_ratio), tf.where(wide, w / aspect_ratio, h)], -1)
-
-
-def affine_matrices(
-    center: tf.Tensor,
-    size: tf.Tensor,
-    rotation_deg: tf.Tensor,
-    flip: tf.Tensor,
-    output_size: Sequence[int],
-) -> tf.Tensor:
-    """Batched :func:`kpnet.codec.crop_affine` in TF: [n, 2, 3] image -> crop matrices."""
-    out_h, out_w = float(output_size[0]), float(output_size[1])
-    sx, sy = out_w / size[:, 0], out_h / size[:, 1]
-    a = rotation_deg * (np.pi / 180.0)
-    cos, sin = tf.cos(a), tf.sin(a)
-    sign = tf.where(flip, -1.0, 1.0)
-    row0 = tf.stack([sign * sx * cos, sign * sx * sin], -1)
-    row1 = tf.stack([-sy * sin, sy * cos], -1)
-    lin = tf.stack([row0, row1], 1)  # [n, 2, 2]
-    crop_c = tf.constant([(out_w - 1) * 0.5, (out_h - 1) * 0.5])
-    t = crop_c - tf.linalg.matvec(lin, center)
-    return tf.concat([lin, t[:, :, None]], axis=2)
-
-
-def invert_affines(m: tf.Tensor) -> tf.Tensor:
-    """Inverse of [n, 2, 3] affine matrices."""
-    a, b, c, d = m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1]
-    det = a * d - b * c
-    inv = tf.stack([tf.stack([d, -b], -1), tf.stack([-c, a], -1)], 1) / det[:, None, None]
-    t = -tf.linalg.matvec(inv, m[:, :, 2])
-    return tf.concat([inv, t[:, :, None]], axis=2)
-
-
-def transform_keypoints(keypoints: tf.Tensor, m: tf.Tensor) -> tf.Tensor:
-    """Apply [n, 2, 3] matrices to (x, y) of keypoints [n, K, >=2]; returns [n, K, 2]."""
-    return tf.linalg.matmul(keypoints[..., :2], m[:, :, :2], transpose_b=True) + m[:, None, :, 2]
-
-
 # --------------------------------------------------------------------------- random params
 def sample_geometry(
     config: AugmentConfig, seed: tf.Tensor, n: tf.Tensor
@@ -188,7 +143,8 @@ def half_body(
     lo = tf.reduce_min(tf.where(part[..., None], xy, big), axis=1)
     hi = tf.reduce_max(tf.where(part[..., None], xy, -big), axis=1)
     hb_center = (lo + hi) * 0.5
-    hb_size = aspect_fit(tf.maximum(hi - lo, 1.0) * 1.5, aspect_ratio)
+    hb_box = tf.concat([lo, tf.maximum(hi - lo, 1.0)], axis=-1)
+    _, hb_size = box_to_center_scale(hb_box, aspect_ratio, (1.5, 1.5))
     return (
         tf.where(apply[:, None], hb_center, center),
         tf.where(apply[:, None], hb_size, size),

@@ -59,66 +59,66 @@ import numpy as np
 import tensorflow as tf
 
 from kpnet import codec
+from kpnet.crops import reduced_matrices, reduction_ratios, sample_crops
 from kpnet.data import augment as aug
 from kpnet.data.records import DataError, InstanceRecord
 from kpnet.spec import KeypointSpec
 
 log = logging.getLogger(__name__)
 
-MODES = ("topdown", "whole", "random_crop")
 _JPEG, _PNG = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
 AUTOTUNE = tf.data.AUTOTUNE
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
-    """How records become model inputs.
+    """How records become model inputs: the codec's geometry plus training augmentation.
 
     Args:
-        input_size: (H, W) of the input crop; both divisible by 32.
-        stride: input pixels per heatmap pixel.
-        mode: ``"topdown"`` (crop around each instance box), ``"whole"`` (the whole image
-            letterboxed into the input, aspect kept) or ``"random_crop"`` (training: a random
-            window that contains the instance box; evaluation: the whole image).
-        padding: (x, y) extension of the box for top-down crops (tf-cpn: (1.2, 1.3)).
-        train_box_extend: extra extension of top-down crops when training (tf-cpn: 1.25).
+        codec: :class:`kpnet.codec.Codec` (or a mapping of its fields): input size, stride,
+            crop mode (``"topdown"``, ``"whole"``, ``"random_crop"``), box padding and the
+            training box extension.
         augment: :class:`~kpnet.data.augment.AugmentConfig` (or a mapping of its fields).
         shuffle_buffer: instance-level shuffle buffer (after the per-epoch image shuffle).
         fill_value: grey level outside the image.
-        reduced_decode: decode JPEGs at 1/2, 1/4 or 1/8 resolution when all of an image's
-            crops shrink it at least that much (faster, and less aliasing than sampling the
-            full image); False always decodes at full resolution.
+        reduced_decode: (training) decode JPEGs at 1/2, 1/4 or 1/8 resolution when all of
+            an image's crops shrink it at least that much (faster, and less aliasing than
+            sampling the full image); False always decodes at full resolution. Evaluation
+            crops always come from :func:`kpnet.crops.sample_crops`, as in predict and the
+            SavedModel.
     """
 
-    input_size: tuple[int, int] = (256, 192)
-    stride: int = 4
-    mode: str = "topdown"
-    padding: tuple[float, float] = (1.2, 1.3)
-    train_box_extend: float = 1.25
+    codec: codec.Codec = field(default_factory=codec.Codec)
     augment: aug.AugmentConfig = field(default_factory=aug.AugmentConfig)
     shuffle_buffer: int = 256
     fill_value: int = 0
     reduced_decode: bool = True
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
-        object.__setattr__(self, "padding", tuple(float(v) for v in self.padding))
+        if isinstance(self.codec, Mapping):
+            object.__setattr__(self, "codec", codec.Codec(**self.codec))
         if isinstance(self.augment, Mapping):
             object.__setattr__(self, "augment", aug.AugmentConfig(**self.augment))
-        if self.mode not in MODES:
-            raise ValueError(f"pipeline.mode: {self.mode!r} is not one of {MODES}")
-        if len(self.input_size) != 2 or any(v <= 0 or v % 32 for v in self.input_size):
-            raise ValueError(f"pipeline.input_size: {self.input_size} must be 2 multiples of 32")
-        if self.stride <= 0 or any(v % self.stride for v in self.input_size):
-            raise ValueError(f"pipeline.stride: {self.stride} must divide {self.input_size}")
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.codec.input_size
+
+    @property
+    def stride(self) -> int:
+        return self.codec.stride
+
+    @property
+    def mode(self) -> str:
+        return self.codec.mode
 
     @property
     def aspect_ratio(self) -> float:
-        return self.input_size[1] / self.input_size[0]
+        return self.codec.aspect_ratio
 
     @property
     def heatmap_size(self) -> tuple[int, int]:
-        return self.input_size[0] // self.stride, self.input_size[1] // self.stride
+        return self.codec.heatmap_size
 
 
 # --------------------------------------------------------------------------- record checks
@@ -234,24 +234,13 @@ def _group(records: Sequence[InstanceRecord], keep: np.ndarray, consecutive: boo
 
 
 # --------------------------------------------------------------------------- graph helpers
-def _max_scale(m: tf.Tensor) -> tf.Tensor:
-    """[n] largest singular value of the linear part of [n, 2, 3] affines (crop px / image px)."""
-    lin = m[:, :, :2]
-    sq = tf.reduce_sum(tf.square(lin), [1, 2])
-    det = lin[:, 0, 0] * lin[:, 1, 1] - lin[:, 0, 1] * lin[:, 1, 0]
-    return tf.sqrt(0.5 * (sq + tf.sqrt(tf.maximum(sq * sq - 4 * det * det, 0.0))))
-
-
 def _decode_ratios(m: tf.Tensor, group: tf.Tensor, is_jpeg: tf.Tensor) -> tf.Tensor:
     """[G] int32 JPEG reduction r in (1, 2, 4, 8) per image: the largest with every crop's
     scale <= 1 / r (so the reduced image is never upsampled); 1 for PNG.
 
     ``m`` [n, 2, 3] crops, ``group`` [n] their (sorted) image index, ``is_jpeg`` [G].
     """
-    worst = tf.math.segment_max(_max_scale(m), group)
-    ratio = tf.ones_like(worst, tf.int32)
-    for r in (2, 4, 8):
-        ratio = tf.where(worst * r <= 1.0, r, ratio)
+    ratio = tf.math.segment_min(reduction_ratios(m), group)
     return tf.where(is_jpeg, ratio, 1)
 
 
@@ -264,7 +253,7 @@ def _windows(m, group, hw, ratio, output_size: Sequence[int]) -> tf.Tensor:
     out_h, out_w = float(output_size[0]), float(output_size[1])
     corners = tf.constant([[-0.5, -0.5], [out_w - 0.5, -0.5], [-0.5, out_h - 0.5],
                            [out_w - 0.5, out_h - 0.5]])  # fmt: skip
-    inv = aug.invert_affines(m)
+    inv = codec.invert_affine(m)
     pts = tf.einsum("nij,cj->nci", inv[:, :, :2], corners) + inv[:, None, :, 2]  # [n, 4, 2]
     r = tf.cast(tf.gather(ratio, group), tf.float32)[:, None, None]
     pts = (pts - (r - 1.0) * 0.5) / r
@@ -299,14 +288,13 @@ def _decode_window(contents, window, branch) -> tf.Tensor:
 def _window_warps(m, group, ratio, window) -> tf.Tensor:
     """[n, 2, 3] float64 matrices from each crop's window of the 1/ratio image to the crop.
 
-    Window pixel (u, v) is image pixel r (origin + (u, v)) + (r - 1) / 2 (see :func:`_windows`),
+    Window pixel (u, v) is reduced pixel origin + (u, v) (see :func:`kpnet.crops.reduced_matrices`),
     ``origin`` = (x0, y0) of the image's ``window`` [G, 4]; ``m`` [n, 2, 3] image -> crop.
     """
-    r = tf.cast(tf.gather(ratio, group), tf.float64)[:, None]
+    reduced = reduced_matrices(m, tf.gather(ratio, group))
     origin = tf.cast(tf.gather(tf.reverse(window[:, :2], [1]), group), tf.float64)
-    lin = tf.cast(m[:, :, :2], tf.float64)
-    shift = tf.cast(m[:, :, 2], tf.float64) + tf.linalg.matvec(lin, origin * r + (r - 1) * 0.5)
-    return tf.concat([lin * r[:, :, None], shift[:, :, None]], axis=2)
+    shift = reduced[:, :, 2] + tf.linalg.matvec(reduced[:, :, :2], origin)
+    return tf.concat([reduced[:, :, :2], shift[:, :, None]], axis=2)
 
 
 _NO_COLOR = np.array([0.0, 1.0, 1.0, 0.0], np.float32)
@@ -353,11 +341,9 @@ class _Builder:
         self.num_groups, self.num_records = len(paths), len(records)
         self.keypoints = tf.constant(kps)
         self.boxes = tf.constant(boxes)
-        centers, sizes = zip(
-            *(codec.box_to_center_scale(b, config.aspect_ratio, config.padding) for b in boxes),
-            strict=True,
-        )
-        self.centers, self.sizes = tf.constant(np.stack(centers)), tf.constant(np.stack(sizes))
+        self.record_hw = tf.constant(np.array(
+            [sizes[r.image_path][0] if r.image_path in sizes else (0, 0) for r in records],
+            np.int32).reshape(-1, 2))  # fmt: skip
         self.flip_index = tf.constant(spec.flip_index, tf.int32)
         a = config.augment
         self.upper = a.upper_body_index(spec) if a.half_body_prob > 0 else None
@@ -368,16 +354,11 @@ class _Builder:
         self.albu = aug.AlbumentationsOp(a.photometric) if a.photometric else None
 
     # -- geometry ---------------------------------------------------------------------
-    def _whole(self, hw: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """(center, size) [n, 2] of whole images of sizes ``hw`` [n, 2], letterboxed."""
-        wh = tf.cast(tf.reverse(hw, [1]), tf.float32)
-        return (wh - 1) * 0.5, aug.aspect_fit(wh, self.config.aspect_ratio)
-
     def _random_window(self, box: tf.Tensor, hw: tf.Tensor, seed: tf.Tensor):
         """Random windows [n] (center, size) containing each box, inside the image if possible."""
-        n = tf.shape(box)[0]
-        full_c, full_s = self._whole(hw)
-        box_s = aug.aspect_fit(box[:, 2:] * self.config.padding, self.config.aspect_ratio)
+        n, cfg = tf.shape(box)[0], self.config
+        full_c, full_s = cfg.codec.regions(tf.zeros_like(box), hw)  # the whole image
+        _, box_s = codec.box_to_center_scale(box, cfg.aspect_ratio, cfg.codec.padding)
         u = tf.random.stateless_uniform(tf.stack([n, 3]), seed=seed)
         size = box_s + u[:, :1] * tf.maximum(full_s - box_s, 0.0)
         half = size * 0.5
@@ -388,20 +369,20 @@ class _Builder:
         return lo + u[:, 1:] * (hi - lo), size
 
     def matrices(self, idx: tf.Tensor, hw: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-        """[n, 2, 3] image -> crop matrices of records ``idx`` in images of sizes ``hw`` [n, 2]."""
+        """[n, 2, 3] image -> crop matrices of records ``idx`` in images of sizes ``hw`` [n, 2].
+
+        Evaluation: exactly :meth:`kpnet.codec.Codec.crop_matrices` (what predict and the
+        SavedModel use); training: the codec's regions, randomly scaled, rotated, flipped.
+        """
         cfg, n = self.config, tf.shape(idx)[0]
         seeds = tf.random.experimental.stateless_split(seed, 2)
-        if cfg.mode == "topdown":
-            center, size = tf.gather(self.centers, idx), tf.gather(self.sizes, idx)
-            if self.training:
-                size = size * cfg.train_box_extend
-        elif cfg.mode == "random_crop" and self.training:
-            center, size = self._random_window(tf.gather(self.boxes, idx), hw, seeds[1])
-        else:
-            center, size = self._whole(hw)
+        boxes = tf.gather(self.boxes, idx)
         if not self.training:
-            return aug.affine_matrices(center, size, tf.zeros([n]), tf.zeros([n], tf.bool),
-                                       cfg.input_size)  # fmt: skip
+            return cfg.codec.crop_matrices(boxes, hw)
+        if cfg.mode == "random_crop":
+            center, size = self._random_window(boxes, hw, seeds[1])
+        else:
+            center, size = cfg.codec.regions(boxes, hw, training=True)
         scale, rot, flip, hb = aug.sample_geometry(cfg.augment, seeds[0], n)
         if self.upper is not None and cfg.mode == "topdown":
             kp = tf.gather(self.keypoints, idx)
@@ -409,12 +390,12 @@ class _Builder:
                                          cfg.aspect_ratio)  # fmt: skip
         if cfg.mode != "random_crop":
             size = size * scale[:, None]
-        return aug.affine_matrices(center, size, rot, flip, cfg.input_size)
+        return codec.crop_affine(center, size, cfg.input_size, rot, flip)
 
     def keypoints_out(self, idx: tf.Tensor, m: tf.Tensor) -> tf.Tensor:
         """Keypoints [n,K,3] in heatmap coords; flipped order; outside / unlabelled -> 0."""
         kp = tf.gather(self.keypoints, idx)
-        xy = aug.transform_keypoints(kp, m)
+        xy = codec.transform_points(kp[..., :2], m)
         v = kp[..., 2]
         flipped = (m[:, 0, 0] * m[:, 1, 1] - m[:, 0, 1] * m[:, 1, 0]) < 0  # det < 0: mirrored
         xy = tf.where(flipped[:, None, None], tf.gather(xy, self.flip_index, axis=1), xy)
@@ -456,7 +437,19 @@ class _Builder:
         return (tf.fill(tf.shape(order), epoch), *(tf.gather(t, order) for t in per_image))
 
     def load(self, epoch, path, branch, window, warps, colors, color_m, m, keypoints, idx):
-        """One image: read, decode its window once, warp and jitter all its instances."""
+        """One image: read, decode (its window) once, crop (and jitter) all its instances.
+
+        Evaluation decodes the whole image and crops with :func:`kpnet.crops.sample_crops`,
+        the sampler of predict and the SavedModel; training decodes the crops' window
+        (DCT-reduced) and warps with OpenCV (faster; augmented anyway).
+        """
+        if not self.training:
+            image = tf.io.decode_image(tf.io.read_file(path), channels=3,
+                                       expand_animations=False)  # fmt: skip
+            crops = sample_crops(image[None], m, self.config.input_size,
+                                 image_index=tf.zeros_like(idx, tf.int32),
+                                 fill_value=self.config.fill_value)  # fmt: skip
+            return crops, keypoints, m, idx, tf.fill(tf.shape(idx), epoch)
         image = _decode_window(tf.io.read_file(path), window, branch)
         crop_fn = functools.partial(_crops, out_hw=self.config.input_size,
                                     fill_value=self.config.fill_value)  # fmt: skip
@@ -519,8 +512,8 @@ def build_dataset(
         seed: everything random is a stateless function of (seed, epoch, image/record).
         shuffle: shuffle images per epoch and instances in a buffer (default: ``training``).
         repeat: repeat forever (epoch e gets fresh augmentation); else one pass.
-        with_meta: also yield ``{"affine": [B,2,3] image -> input crop, "index": [B]}``
-            (index into ``records``).
+        with_meta: also yield ``{"affine": [B,2,3] image -> input crop, "index": [B]
+            (into ``records``), "image_hw": [B, 2] image (H, W)}``.
         input_context: see ``batch_size``.
         on_error: ``"raise"`` (DataError naming file and record) or ``"skip"`` (drop them).
         drop_remainder: drop a last partial batch (default: ``training``).
@@ -566,7 +559,8 @@ def build_dataset(
         ds = ds.apply(tf.data.experimental.assert_cardinality(
             _num_batches(sum(map(len, members)), batch_size, drop_remainder)))  # fmt: skip
     if with_meta:
-        ds = ds.map(lambda im, kp, m, i, e: (im, kp, {"affine": m, "index": i}))
+        ds = ds.map(lambda im, kp, m, i, e: (
+            im, kp, {"affine": m, "index": i, "image_hw": tf.gather(b.record_hw, i)}))
     else:
         ds = ds.map(lambda im, kp, m, i, e: (im, kp))
     options = tf.data.Options()

@@ -1,0 +1,295 @@
+"""Predicting keypoints of image files, folders and videos: what ``kpnet predict`` runs.
+
+Example:
+    >>> summary = predict_inputs("runs/mouse", ["clip.mp4"], "out/predictions.json",
+    ...                          draw="out/draw")                          # doctest: +SKIP
+    >>> summary["csv"]                                                      # doctest: +SKIP
+    ['out/predictions.csv']
+
+Crops, decoding and the way back to image pixels are those of validation and the SavedModel
+(:class:`kpnet.runner.Predictor`, the model's codec): a whole-frame model predicts on whole
+frames, a top-down model on ``--boxes`` or, without them, on the whole frame.
+
+Outputs:
+
+* a COCO keypoint results json: ``image_id``, ``category_id``, ``keypoints`` (x, y, score)
+  * K in image pixels, ``score`` = box score * mean of the keypoint scores above 0.2, plus
+  ``bbox`` (the box used, None for the whole frame) and ``file_name`` (``clip.mp4#000012``
+  for a video frame);
+* without ``--boxes`` (one instance per frame): a DeepLabCut CSV per input (a video, a
+  folder, an image): three header rows (scorer / bodyparts / coords) and one row per frame
+  with x, y, likelihood per body part (``<json stem>.csv``, ``<json stem>_<input>.csv``
+  for several inputs);
+* ``--draw DIR``: labelled images, and ``<video stem>_labelled.mp4`` for a video.
+
+Scores ("likelihood") are the heatmap peak clipped to 0..1 (see
+:class:`kpnet.inference.KeypointDecoder`); keypoints are clipped to the image.
+
+Image ids (to match ``--boxes`` detections and to label the results): with ``images_json``
+(any COCO json with an ``images`` list) an image's id is the ``id`` of the entry whose
+``file_name`` has the same base name; otherwise the file stem when every stem is a number
+(``000000000139.jpg`` -> 139, COCO's naming), else the frame's position. Detections are
+matched to images by file name: a detection's own ``file_name``, else its ``image_id``
+looked up in ``images_json``; a detection that matches no input image is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kpnet.data.records import DataError
+
+RESCORE_THRESHOLD = 0.2
+PathLike = str | os.PathLike
+
+
+def predict_inputs(
+    model: PathLike,
+    inputs: Sequence[PathLike],
+    output: PathLike = "predictions.json",
+    boxes: PathLike | None = None,
+    images_json: PathLike | None = None,
+    score_threshold: float = 0.5,
+    draw: PathLike | None = None,
+    heatmaps: bool = False,
+    flip_test: bool | None = None,
+    padding: Sequence[float] | None = None,
+    category_id: int = 1,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """Predict every frame of ``inputs`` (image files, folders, videos) with ``model``.
+
+    Returns ``{"predictions", "frames", "json", "csv": [paths], "draw": [paths]}``.
+    """
+    from kpnet.frames import Progress, count_frames, iter_frames, list_inputs
+    from kpnet.inference import load_model
+    from kpnet.runner import Predictor
+
+    listed = list_inputs(inputs)  # every input checked before the model loads
+    files = [f for _, group in listed for f in group]
+    detections = _detections(boxes, images_json, files, score_threshold) if boxes else None
+    ids = _image_ids(files, images_json)
+    options = {} if flip_test is None else {"flip_test": bool(flip_test)}
+    keypoints_model = load_model(model, **options)
+    predictor = Predictor(keypoints_model)
+    if padding is not None:
+        predictor.codec = predictor.codec.replace(padding=tuple(padding))
+    out = _Outputs(Path(output), predictor.spec, Path(model), draw, heatmaps, len(listed))
+    total = count_frames(inputs)
+    with Progress(total, "predict") as bar:
+        items = _items(iter_frames(inputs), detections)
+        for frame, xy, scores, extra in predictor.run(items, batch_size, keep_crops=heatmaps):
+            dets = detections.get(frame.source.name, []) if detections is not None else None
+            out.add(frame, xy, scores, dets, ids.get(frame.source, frame.index), category_id,
+                    extra)  # fmt: skip
+            bar.update()
+    return out.finish()
+
+
+# --------------------------------------------------------------------------- inputs
+def _items(frames: Iterator[Any], detections: dict[str, list[dict]] | None):
+    """(frame, frame, boxes) for :meth:`kpnet.runner.Predictor.run`; frames without a
+    detection are passed with zero boxes (skipped)."""
+    for frame in frames:
+        if detections is None:
+            yield frame, frame.image, None
+        else:
+            dets = detections.get(frame.source.name, [])
+            yield frame, frame.image, np.array([d["bbox"] for d in dets], np.float32).reshape(-1, 4)
+
+
+def _image_ids(files: Sequence[Path], images_json: PathLike | None) -> dict[Path, int]:
+    """Image id of each image file (rules: see the module docstring); videos: frame index."""
+    images = [f for f in files if not _is_video(f)]
+    if images_json is not None:
+        table = _coco_image_table(Path(images_json))
+        missing = [p.name for p in images if p.name not in table]
+        if missing:
+            raise DataError(f"{images_json}: no 'images' entry for {missing[:5]}")
+        return {p: table[p.name] for p in images}
+    if images and all(p.stem.isdigit() for p in images):
+        return {p: int(p.stem) for p in images}
+    return {p: i for i, p in enumerate(images)}
+
+
+def _is_video(path: Path) -> bool:
+    from kpnet.frames import is_video
+
+    return is_video(path)
+
+
+def _coco_image_table(path: Path) -> dict[str, int]:
+    data = _read_json(path)
+    entries = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: expected a COCO json with an 'images' list")
+    try:
+        return {Path(e["file_name"]).name: int(e["id"]) for e in entries}
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataError(f"{path}: 'images' entries need 'id' and 'file_name' ({err})") from None
+
+
+def _detections(
+    path: PathLike, images_json: PathLike | None, files: Sequence[Path], score_threshold: float
+) -> dict[str, list[dict[str, Any]]]:
+    """Detections of a COCO results json by image file name (see the module docstring)."""
+    path = Path(path)
+    dets = _read_json(path)
+    if not isinstance(dets, list):
+        raise DataError(f"{path}: expected a list of detections (COCO results format)")
+    names = {f.name for f in files}
+    by_id = None
+    if images_json is not None:
+        by_id = {i: name for name, i in _coco_image_table(Path(images_json)).items()}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for n, det in enumerate(dets):
+        try:
+            box = [float(v) for v in det["bbox"]]
+            score, category = float(det.get("score", 1.0)), int(det.get("category_id", 1))
+            name = det.get("file_name")
+            image_id = det.get("image_id")
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise DataError(f"{path}: detection {n} needs a bbox ({err})") from None
+        if len(box) != 4 or not np.isfinite(box).all():
+            raise DataError(f"{path}: detection {n} bbox must be 4 finite numbers, got {box}")
+        if name is None:
+            if by_id is None:
+                raise DataError(
+                    f"{path}: detection {n} has no file_name; pass --images-json (a COCO json "
+                    "whose 'images' map image ids to file names) to match boxes to images"
+                )
+            name = by_id.get(_int_or_none(image_id))
+            if name is None:
+                raise DataError(f"{path}: detection {n}: image_id {image_id!r} is not in "
+                                f"{images_json}")  # fmt: skip
+        name = Path(str(name)).name
+        if name not in names:
+            raise DataError(
+                f"{path}: detection {n} is for {name}, which is not among the input images; "
+                "pass that image or drop the detection"
+            )
+        if score >= score_threshold and box[2] > 0 and box[3] > 0:
+            out.setdefault(name, []).append({"bbox": box, "score": score, "category_id": category})
+    return out
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: cannot read JSON ({err})") from None
+
+
+# --------------------------------------------------------------------------- outputs
+class _Outputs:
+    """Collects results per input; writes the json, the DLC CSVs and the drawings."""
+
+    def __init__(self, output: Path, spec, model: Path, draw, heatmaps: bool, num_inputs: int):
+        self.output, self.spec, self.heatmaps = output, spec, heatmaps
+        self.scorer = f"kpnet_{model.resolve().name if model.is_dir() else model.stem}"
+        self.draw = Path(draw) if draw is not None else None
+        self.results: list[dict[str, Any]] = []
+        self.tables: dict[Path, list[tuple[str | int, np.ndarray, np.ndarray]]] = {}
+        self.videos: dict[Path, Any] = {}
+        self.drawn: list[str] = []
+        self.frames = 0
+        self.num_inputs = num_inputs
+
+    def add(self, frame, xy, scores, dets, image_id, category_id, extra) -> None:
+        self.frames += 1
+        name = frame.name
+        if dets is None:  # whole frame, one instance
+            dets = [{"bbox": None, "score": 1.0, "category_id": category_id}]
+            key = frame.index if frame.is_video else str(frame.source.name)
+            self.tables.setdefault(frame.input or frame.source, []).append((key, xy[0], scores[0]))
+        for det, kp, sc in zip(dets, xy, scores, strict=True):
+            self.results.append(coco_result(kp, sc, det, image_id, name))
+        if self.draw is not None:
+            self._draw(frame, xy, scores, extra)
+
+    def _draw(self, frame, xy, scores, extra) -> None:
+        import cv2
+
+        from kpnet.frames import VideoWriter
+        from kpnet.inference import draw_keypoints, heatmap_overlay
+
+        canvas = frame.image
+        for kp, sc in zip(xy, scores, strict=True):
+            canvas = draw_keypoints(canvas, kp, sc, self.spec)
+        if frame.is_video:
+            writer = self.videos.get(frame.source)
+            if writer is None:
+                path = self.draw / f"{frame.source.stem}_labelled.mp4"
+                writer = self.videos[frame.source] = VideoWriter(path, fps=frame.fps)
+            writer.write(canvas)
+            return
+        self.draw.mkdir(parents=True, exist_ok=True)
+        out = self.draw / f"{frame.source.stem}.jpg"
+        if not cv2.imwrite(str(out), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
+            raise DataError(f"{out}: cannot write the drawing")
+        self.drawn.append(str(out))
+        if self.heatmaps and extra is not None:
+            for n, (crop, hm) in enumerate(zip(extra["crops"], extra["heatmaps"], strict=True)):
+                name = self.draw / f"{frame.source.stem}_heatmap{n}.jpg"
+                cv2.imwrite(str(name), cv2.cvtColor(heatmap_overlay(crop, hm), cv2.COLOR_RGB2BGR))
+
+    def finish(self) -> dict[str, Any]:
+        from kpnet.data.dlc_output import write_dlc_csv
+
+        for writer in self.videos.values():
+            writer.close()
+            self.drawn.append(str(writer.path))
+        write_json_atomic(self.output, self.results)
+        csvs = []
+        for source, rows in self.tables.items():
+            suffix = f"_{Path(source).stem}" if len(self.tables) > 1 else ""
+            path = self.output.with_name(f"{self.output.stem}{suffix}.csv")
+            keys, xy, scores = zip(*rows, strict=True)
+            write_dlc_csv(path, self.scorer, self.spec.names, list(keys), np.stack(xy),
+                          np.stack(scores))  # fmt: skip
+            csvs.append(str(path))
+        return {"predictions": len(self.results), "frames": self.frames,
+                "json": str(self.output), "csv": csvs, "draw": self.drawn}  # fmt: skip
+
+
+def coco_result(xy: np.ndarray, scores: np.ndarray, det: dict, image_id: int, name: str):
+    """One COCO keypoint result (see the module docstring for the score)."""
+    scores = np.asarray(scores, np.float64)
+    confident = scores[scores > RESCORE_THRESHOLD]
+    flat = np.concatenate([np.asarray(xy, np.float64), scores[:, None]], axis=1)
+    box = det["bbox"]
+    return {
+        "image_id": int(image_id),
+        "category_id": int(det["category_id"]),
+        "keypoints": [round(float(v), 3) for v in flat.reshape(-1)],
+        "score": float(det["score"] * (confident.mean() if confident.size else 0.0)),
+        "bbox": [round(float(v), 2) for v in box] if box is not None else None,
+        "file_name": name,
+    }
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON via a temporary file, so a failed run never truncates an old output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
