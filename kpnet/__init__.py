@@ -28,7 +28,7 @@ _LAZY = {
     "build_keypoints_model": "kpnet.inference",
     "KeypointDecoder": "kpnet.inference",
     "draw_keypoints": "kpnet.inference",
-    "HeatmapCodec": "kpnet.codec",
+    "Codec": "kpnet.codec",
     "load_recipe": "kpnet.recipe",
     "RecipeError": "kpnet.recipe",
     "fit": "kpnet.train",

@@ -107,6 +107,23 @@ DEFAULT_TRAIN_BOX_EXTEND: float = 1.25
 CROP_MODES: tuple[str, ...] = ("topdown", "whole", "random_crop")
 
 
+def _numpy_in_numpy_out(fn):
+    """Return numpy arrays when no argument is a backend tensor (numpy callers get numpy;
+    graph callers, e.g. tf.data or the SavedModel, get tensors)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        if any(ops.is_tensor(a) for a in (*args, *kwargs.values())):
+            return out
+        if isinstance(out, tuple):
+            return tuple(np.asarray(ops.convert_to_numpy(o)) for o in out)
+        return np.asarray(ops.convert_to_numpy(out))
+
+    return wrapper
+
+
+@_numpy_in_numpy_out
 def box_to_center_scale(boxes, aspect_ratio: float, padding=DEFAULT_PADDING):
     """Centre and (w, h) of the crop regions of boxes, with the crop's aspect ratio kept.
 
@@ -136,6 +153,7 @@ def box_to_center_scale(boxes, aspect_ratio: float, padding=DEFAULT_PADDING):
     return center, size
 
 
+@_numpy_in_numpy_out
 def crop_affine(center, size, output_size: Sequence[int], rotation_deg=0.0, flip=False):
     """[..., 2, 3] float32 matrices mapping image pixels into (H, W) crops.
 
@@ -164,6 +182,7 @@ def crop_affine(center, size, output_size: Sequence[int], rotation_deg=0.0, flip
     return ops.concatenate([lin, t[..., None]], axis=-1)
 
 
+@_numpy_in_numpy_out
 def invert_affine(matrix):
     """Inverse of a [2, 3] affine matrix (or a batch [..., 2, 3]), float32."""
     m = ops.cast(ops.convert_to_tensor(matrix), "float32")
@@ -174,6 +193,7 @@ def invert_affine(matrix):
     return ops.concatenate([inv, t[..., None]], axis=-1)
 
 
+@_numpy_in_numpy_out
 def transform_points(points, matrix):
     """Apply [2, 3] matrices to points [..., 2] (extra trailing columns are kept).
 
@@ -190,6 +210,7 @@ def transform_points(points, matrix):
     return ops.concatenate([xy, pts[..., 2:]], axis=-1) if pts.shape[-1] > 2 else xy
 
 
+@_numpy_in_numpy_out
 def crop_to_image(keypoints, matrices, image_hw):
     """Input-crop keypoints [n, K, 2] -> image pixels, clipped to the images [n, 2] (H, W).
 

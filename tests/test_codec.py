@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -112,14 +113,45 @@ def test_multi_peak_plateau_gives_one_peak():
 
 
 # --------------------------------------------------------------------------- codec object
-def test_heatmap_codec_round_trip_in_input_pixels():
-    c = codec.HeatmapCodec(input_size=(256, 192), stride=4, sigma=2.0, channels=(0, 1))
+def test_codec_round_trip_in_input_pixels():
+    c = codec.Codec(input_size=(256, 192), stride=4, refine_sigma=2.0)
     kp = _kp((37.3, 101.9), (150.0, 220.6))
-    hm = c.encode(kp)
+    hm = c.encode(kp, channels=(0, 1))
     assert tuple(hm.shape) == (1, 64, 48, 2)
     xy, scores = c.decode(hm)
     np.testing.assert_allclose(np.asarray(xy)[0], kp[0, :, :2], atol=0.01)
     assert np.all(np.asarray(scores) > 0.9)
+
+
+def test_codec_serializes_and_refuses_bad_fields():
+    c = codec.Codec((128, 96), mode="whole", padding=(1.1, 1.4), flip_test=True, max_peaks=3)
+    assert codec.Codec.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+    with pytest.raises(codec.CodecError, match="input_size"):
+        codec.Codec((100, 96))
+    with pytest.raises(codec.CodecError, match="mode"):
+        codec.Codec(mode="sideways")
+    with pytest.raises(codec.CodecError, match="unknown keys"):
+        codec.Codec.from_dict({"input_size": [64, 64], "sigma": 2.0})
+
+
+def test_codec_crop_matrices_whole_frame_and_box():
+    c = codec.Codec((256, 192))
+    m = np.asarray(c.crop_matrices([[0, 0, 0, 0], [100, 50, 60, 80]], [[480, 640]] * 2))
+    # whole frame: 640 px wide onto 192 px, letterboxed vertically, centre to centre
+    np.testing.assert_allclose(m[0], [[0.3, 0, -0.35], [0, 0.3, 55.65]], atol=1e-4)
+    centre, size = codec.box_to_center_scale((100, 50, 60, 80), 0.75, codec.DEFAULT_PADDING)
+    np.testing.assert_allclose(m[1], codec.crop_affine(centre, size, (256, 192)), atol=1e-5)
+    whole = codec.Codec((256, 192), mode="whole")  # whole-frame models ignore the boxes
+    np.testing.assert_allclose(whole.crop_matrices([[100, 50, 60, 80]], [[480, 640]])[0], m[0])
+
+
+def test_crop_to_image_inverts_and_clips():
+    m = codec.crop_affine([[50.0, 40.0]], [[20.0, 20.0]], (40, 40))
+    crop_xy = np.asarray(codec.transform_points(np.array([[[45.0, 35.0]]]), m))
+    back = np.asarray(codec.crop_to_image(crop_xy, m, [[60, 80]]))
+    np.testing.assert_allclose(back, [[[45.0, 35.0]]], atol=1e-4)
+    out = np.asarray(codec.crop_to_image([[[-500.0, 500.0]]], m, [[60, 80]]))
+    np.testing.assert_allclose(out, [[[0.0, 59.0]]])
 
 
 # --------------------------------------------------------------------------- geometry
@@ -133,10 +165,10 @@ def test_input_heatmap_round_trip_and_pixel_centres():
 
 
 def test_box_to_center_scale_keeps_aspect_ratio():
-    center, size = codec.box_to_center_scale((10, 20, 100, 50), 0.75, padding=(1.0, 1.0))
+    center, size = map(np.asarray, codec.box_to_center_scale((10, 20, 100, 50), 0.75, (1, 1)))
     np.testing.assert_allclose(center, [59.5, 44.5])
     np.testing.assert_allclose(size, [100.0, 100.0 / 0.75])  # too wide: height grows
-    _, size = codec.box_to_center_scale((0, 0, 30, 200), 0.75, padding=(1.2, 1.3))
+    size = np.asarray(codec.box_to_center_scale((0, 0, 30, 200), 0.75, padding=(1.2, 1.3))[1])
     np.testing.assert_allclose(size, [200 * 1.3 * 0.75, 260.0])
     assert size[0] / size[1] == pytest.approx(0.75)
 

@@ -12,7 +12,8 @@ import tensorflow as tf
 
 import kpnet  # noqa: F401  (quiet TF logs)
 from kpnet import codec
-from kpnet.data.augment import AugmentConfig, affine_matrices, apply_color, sample_color
+from kpnet.codec import Codec
+from kpnet.data.augment import AugmentConfig, apply_color, sample_color
 from kpnet.data.pipeline import PipelineConfig, _decode_ratios, _inspect, build_dataset
 from kpnet.data.preview import write_preview
 from kpnet.data.records import DataError, InstanceRecord
@@ -23,7 +24,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SPEC = KeypointSpec(names=("left", "right", "tip"), flip_pairs=((0, 1),), skeleton=((0, 2),))
 NO_COLOR = dict(brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
 GEOM = PipelineConfig(
-    input_size=(64, 64),
+    codec=Codec((64, 64)),
     augment=AugmentConfig(rotation_prob=1.0, **NO_COLOR),
     shuffle_buffer=8,
 )
@@ -59,17 +60,6 @@ def _centroid(channel: np.ndarray) -> np.ndarray:
     return np.array([(xs * w).sum(), (ys * w).sum()]) / w.sum()
 
 
-def test_affine_matrices_match_codec():
-    rng = np.random.default_rng(1)
-    c, s = rng.uniform(0, 300, (8, 2)), rng.uniform(20, 200, (8, 2))
-    rot, flip = rng.uniform(-45, 45, 8), rng.random(8) < 0.5
-    m = affine_matrices(tf.constant(c, tf.float32), tf.constant(s, tf.float32),
-                        tf.constant(rot, tf.float32), tf.constant(flip), (256, 192))  # fmt: skip
-    for i in range(8):
-        ref = codec.crop_affine(c[i], s[i], (256, 192), rot[i], bool(flip[i]))
-        np.testing.assert_allclose(m[i], ref, atol=2e-3)
-
-
 def test_markers_follow_full_augmentation(tmp_path):
     records = _marker_images(tmp_path, 24)
     ds = build_dataset(records, SPEC, GEOM, 8, training=True, seed=3, with_meta=True)
@@ -99,7 +89,7 @@ def test_markers_follow_full_augmentation(tmp_path):
 
 def test_deterministic_under_seed(tmp_path):
     records = _marker_images(tmp_path, 10)
-    cfg = PipelineConfig(input_size=(64, 64), shuffle_buffer=4)
+    cfg = PipelineConfig(codec=Codec((64, 64)), shuffle_buffer=4)
     runs = [_collect(build_dataset(records, SPEC, cfg, 4, True, seed=s, with_meta=True))
             for s in (5, 5, 6)]  # fmt: skip
     for a, b in zip(runs[0], runs[1], strict=True):
@@ -119,7 +109,7 @@ def test_warp_matches_opencv_with_roi_jpeg_decode(tmp_path):
     kp = np.zeros((3, 3), np.float32)
     boxes = [(40.0, 30.0, 60.0, 80.0), (350.0, 250.0, 80.0, 90.0), (150.0, 100.0, 30.0, 40.0)]
     records = [InstanceRecord(str(path), b, kp, record_id=i) for i, b in enumerate(boxes)]
-    cfg = PipelineConfig(input_size=(64, 64))
+    cfg = PipelineConfig(codec=Codec((64, 64)))
     images, _, affines, index = _collect(build_dataset(records, SPEC, cfg, 2, False,
                                                        with_meta=True))  # fmt: skip
     np.testing.assert_array_equal(index, [0, 1, 2])  # evaluation keeps the record order
@@ -190,13 +180,14 @@ def test_reduced_jpeg_decode_keeps_exact_geometry(tmp_path, size):
     for training in (False, True):
         runs = {}
         for reduced in (True, False):
-            cfg = PipelineConfig(input_size=(size, size), reduced_decode=reduced,
+            cfg = PipelineConfig(codec=Codec((size, size)), reduced_decode=reduced,
                                  augment=AugmentConfig(rotation_prob=1.0, **NO_COLOR))  # fmt: skip
             ds = build_dataset(records, SPEC, cfg, 4, training, seed=1, with_meta=True)
             runs[reduced] = _collect(ds)
         (images, _, affines, index), full = runs[True], runs[False]
         np.testing.assert_array_equal(affines, full[2])
-        assert not np.array_equal(images, full[0])  # the reduced decode was used
+        # training: the reduced decode was used; evaluation: always the shared sampler
+        assert np.array_equal(images, full[0]) != training
         errors = []
         for im, m, i in zip(images, affines, index, strict=True):
             order = [1, 0, 2] if np.linalg.det(m[:, :2]) < 0 else [0, 1, 2]
@@ -206,7 +197,8 @@ def test_reduced_jpeg_decode_keeps_exact_geometry(tmp_path, size):
                     c = order[j]  # weight: how much this channel exceeds the other two
                     w = np.clip(im[..., c].astype(float) - np.delete(im, c, -1).max(-1), 0, None)
                     errors.append(np.linalg.norm(_centroid(w) - target))
-        assert len(errors) >= 8 and max(errors) < 0.15
+        if training:  # evaluation crops: tests/test_crops.py
+            assert len(errors) >= 8 and max(errors) < 0.15
 
 
 def test_eval_box_crop_and_unlabelled_outside(tmp_path):
@@ -214,9 +206,9 @@ def test_eval_box_crop_and_unlabelled_outside(tmp_path):
     r = records[0]
     r.keypoints[2] = (2.0, 2.0, 2.0)  # far outside the box crop
     r.keypoints[1, 2] = 0  # unlabelled stays unlabelled
-    cfg = PipelineConfig(input_size=(64, 64))
+    cfg = PipelineConfig(codec=Codec((64, 64)))
     _, kp, m, _ = _collect(build_dataset(records, SPEC, cfg, 1, False, with_meta=True))
-    center, size = codec.box_to_center_scale(r.box, 1.0, cfg.padding)
+    center, size = codec.box_to_center_scale(r.box, 1.0, cfg.codec.padding)
     np.testing.assert_allclose(m[0], codec.crop_affine(center, size, (64, 64)), atol=1e-4)
     assert kp[0, 0, 2] == 2 and (kp[0, 1:] == 0).all()
 
@@ -225,7 +217,7 @@ def test_eval_box_crop_and_unlabelled_outside(tmp_path):
 def test_single_object_modes(tmp_path, mode):
     records = _marker_images(tmp_path, 6)
     aug = AugmentConfig(rotation=0.0, flip=False, **NO_COLOR)
-    cfg = PipelineConfig(input_size=(64, 96), mode=mode, augment=aug, shuffle_buffer=1)
+    cfg = PipelineConfig(codec=Codec((64, 96), mode=mode), augment=aug, shuffle_buffer=1)
     _, kp, m, idx = _collect(build_dataset(records, SPEC, cfg, 3, False, with_meta=True))
     corners = codec.transform_points(np.array([[-0.5, -0.5], [119.5, 89.5]]), m[0])
     half_w = 60 * 64 / 90  # height-limited: 90 rows fill 64, 120 columns centred
@@ -249,7 +241,7 @@ def test_half_body_recentres_on_upper_points(tmp_path):
         upper_body=("left", "right"),
         **NO_COLOR,
     )
-    cfg = PipelineConfig(input_size=(64, 64), augment=aug, shuffle_buffer=1)  # fmt: skip
+    cfg = PipelineConfig(codec=Codec((64, 64)), augment=aug, shuffle_buffer=1)  # fmt: skip
     _, _, m, idx = _collect(build_dataset(records, SPEC, cfg, 4, True, with_meta=True))
     kinds = set()
     for mi, i in zip(m, idx, strict=True):
@@ -266,7 +258,7 @@ def test_half_body_recentres_on_upper_points(tmp_path):
 
 def test_sharding_with_input_context(tmp_path):
     records = _marker_images(tmp_path, 10)
-    cfg = PipelineConfig(input_size=(64, 64))
+    cfg = PipelineConfig(codec=Codec((64, 64)))
     seen = []
     for pid in range(2):
         ctx = tf.distribute.InputContext(2, pid, 2)
@@ -282,8 +274,8 @@ def test_photometric_albumentations_and_jitter(tmp_path):
     records = _marker_images(tmp_path, 4, bg=100)
     photo = ({"name": "RandomBrightnessContrast", "p": 1.0, "brightness_limit": 0.5},)
     aug = AugmentConfig(rotation=0.0, scale=(1, 1), flip=False, photometric=photo)
-    cfg = PipelineConfig(input_size=(64, 64), augment=aug, shuffle_buffer=1)
-    plain = PipelineConfig(input_size=(64, 64), shuffle_buffer=1,
+    cfg = PipelineConfig(codec=Codec((64, 64)), augment=aug, shuffle_buffer=1)
+    plain = PipelineConfig(codec=Codec((64, 64)), shuffle_buffer=1,
                            augment=AugmentConfig(rotation=0.0, scale=(1, 1), flip=False,
                                                  **NO_COLOR))  # fmt: skip
     a = _collect(build_dataset(records, SPEC, cfg, 4, True, seed=1, with_meta=True))
@@ -343,7 +335,7 @@ def test_write_preview(tmp_path):
 def test_coco_mini_keypoints_follow_affine():
     ann = DATA / "coco_mini" / "annotations" / "person_keypoints_train2017.json"
     if not ann.exists():
-        pytest.skip("shared coco_mini data not available")
+        pytest.skip(f"shared data not available: {ann}")
     data = json.loads(ann.read_text())
     files = {im["id"]: im["file_name"] for im in data["images"]}
     records = [

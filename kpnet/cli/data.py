@@ -26,9 +26,15 @@ FILTERED = {"crowd", "no_keypoints", "low_score", "other_category"}
 
 
 def load_source(
-    source: str | Path, images: str | Path | None = None, on_error: str = "raise"
+    source: str | Path,
+    images: str | Path | None = None,
+    on_error: str = "raise",
+    allow_outside_root: bool = False,
 ) -> tuple[KeypointSpec, Records]:
-    """Load a COCO json or a DLC project folder as (spec, records)."""
+    """Load a COCO json or a DLC project folder as (spec, records).
+
+    ``allow_outside_root``: a COCO ``file_name`` may leave the image folder.
+    """
     path = Path(source)
     if path.is_dir():
         from kpnet.data.dlc import load_dlc_records
@@ -39,7 +45,9 @@ def load_source(
     from kpnet.data.coco import load_coco_records
 
     image_dir = Path(images) if images else guess_image_dir(path)
-    return load_coco_records(path, image_dir, on_error=on_error)
+    return load_coco_records(
+        path, image_dir, on_error=on_error, allow_outside_root=allow_outside_root
+    )
 
 
 def guess_image_dir(annotation_file: Path) -> Path:
@@ -68,9 +76,11 @@ def _parse_size(value: str) -> tuple[int, int]:
     return h, w
 
 
-def _load_or_fail(source: str, images: str | None, on_error: str) -> tuple[KeypointSpec, Records]:
+def _load_or_fail(
+    source: str, images: str | None, on_error: str, allow_outside_root: bool = False
+) -> tuple[KeypointSpec, Records]:
     try:
-        return load_source(source, images, on_error)
+        return load_source(source, images, on_error, allow_outside_root)
     except DataError as err:
         raise click.ClickException(str(err)) from None
 
@@ -98,9 +108,17 @@ def data() -> None:
 @click.option("--on-error", type=click.Choice(["skip", "raise"]), default="skip",
               show_default=True, help="Skip and count bad records, or stop.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print the report as json.")
-def check(source: str, images: str | None, decode: bool, on_error: str, as_json: bool) -> None:
-    """Report what SOURCE holds and what is wrong with it (exit code 1 when bad records)."""
-    spec, records = _load_or_fail(source, images, on_error)
+@click.option("--allow-outside-root", is_flag=True,
+              help="Read COCO images whose file_name leaves the image folder.")  # fmt: skip
+def check(
+    source: str, images: str | None, decode: bool, on_error: str, as_json: bool,
+    allow_outside_root: bool,
+) -> None:  # fmt: skip
+    """Report what SOURCE holds and what is wrong with it.
+
+    Exit code 1 when records are bad or no usable record is left (``kpnet fit`` would refuse).
+    """
+    spec, records = _load_or_fail(source, images, on_error, allow_outside_root)
     report = check_records(records, spec, decode=decode)
     if as_json:
         load = {"kept": records.report.kept, "skipped": dict(records.report.skipped)}
@@ -108,6 +126,10 @@ def check(source: str, images: str | None, decode: bool, on_error: str, as_json:
     else:
         click.echo(_format_load(records.report))
         click.echo(format_check(report, spec))
+    if not records:
+        raise click.ClickException(
+            f"{records.report.summary()}: no usable record, `kpnet fit` would refuse this data"
+        )
     problems = (
         _bad_count(records.report) + report["missing_files"] + (report["corrupt_images"] or 0)
     )
@@ -150,6 +172,7 @@ def preview(
     source: str, out_dir: str, images: str | None, num: int, input_size: str, mode: str, seed: int
 ) -> None:
     """Write a PNG grid of augmented training samples of SOURCE with keypoints and skeleton."""
+    from kpnet.codec import Codec
     from kpnet.data.pipeline import PipelineConfig
     from kpnet.data.preview import write_preview
 
@@ -157,7 +180,7 @@ def preview(
     spec, records = _load_or_fail(source, images, "skip")
     if not records:
         raise click.ClickException(f"{source}: no usable records ({records.report.summary()})")
-    config = PipelineConfig(input_size=size, mode=mode)
+    config = PipelineConfig(codec=Codec(input_size=size, mode=mode))
     path = write_preview(records, spec, config, out_dir, n=num, seed=seed)
     click.echo(f"wrote {path}")
 
