@@ -13,14 +13,17 @@ Example:
     ...     print(str(err).split(": ", 1)[1])
     train.epcohs: unknown key (did you mean 'epochs'?)
 
-Every section forbids unknown keys. Relative paths are resolved against the recipe file's
-folder (paths given with ``--set`` against the working directory), and string values may use
-``${VAR}`` / ``${VAR:-default}`` environment expansion (e.g. ``${KPNET_COCO:-datasets/coco}``).
+Every section forbids unknown keys, numbers must be finite (no ``.inf`` / ``.nan``) and a
+boolean is not a number (``epochs: true`` is refused). Relative paths are resolved against the
+recipe file's folder (paths given with ``--set`` against the working directory), and string
+values may use ``${VAR}`` / ``${VAR:-default}`` environment expansion (e.g.
+``${KPNET_COCO:-datasets/coco}``).
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import types
@@ -40,7 +43,13 @@ from pydantic import (
     model_validator,
 )
 
-from kpnet.codec import DEFAULT_GLOBAL_SIGMAS, DEFAULT_REFINE_SIGMA
+from kpnet.codec import (
+    DEFAULT_GLOBAL_SIGMAS,
+    DEFAULT_PADDING,
+    DEFAULT_REFINE_SIGMA,
+    DEFAULT_TRAIN_BOX_EXTEND,
+    Codec,
+)
 from kpnet.spec import KeypointSpec, SpecError
 
 
@@ -49,7 +58,65 @@ class RecipeError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `lr: .inf` trains to NaN weights; refuse it at load instead.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_or_non_finite(cls, value: Any, info: Any) -> Any:
+        """Refuse booleans where numbers are expected (``epochs: true``) and inf / NaN anywhere.
+
+        pydantic would take ``true`` as 1; YAML's ``.inf`` / ``.nan`` are floats too.
+        """
+        problem = _bad_value(cls.model_fields[info.field_name].annotation, value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
+
+def _admits_bool(annotation: Any) -> bool:
+    if annotation is bool or annotation is Any:
+        return True
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return any(isinstance(a, bool) for a in args)
+    if origin in (typing.Union, types.UnionType, typing.Annotated):
+        return any(_admits_bool(a) for a in args)
+    return False
+
+
+def _bad_value(annotation: Any, value: Any) -> str | None:
+    """Why ``value`` is refused for ``annotation`` (a bool for a number, inf / NaN), or None."""
+    if isinstance(value, bool):
+        return None if _admits_bool(annotation) else "expected a number, not a boolean"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else "must be a finite number"
+    if isinstance(value, dict):
+        if _model_in(annotation) is not None:
+            return None  # a section: its own fields check their values
+        items = [(f"key {k!r}", Any, v) for k, v in value.items()]
+    elif isinstance(value, (list, tuple)):
+        items = [(f"item {i}", _item_annotation(annotation, i), v) for i, v in enumerate(value)]
+    else:
+        return None
+    for where, item_annotation, item in items:
+        problem = _bad_value(item_annotation, item)
+        if problem:
+            return f"{where}: {problem}"
+    return None
+
+
+def _item_annotation(annotation: Any, index: int) -> Any:
+    """The annotation of item ``index`` of a list / tuple annotation (Any when unknown)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        sequences = [a for a in args if typing.get_origin(a) in (list, tuple)]
+        return _item_annotation(sequences[0], index) if sequences else Any
+    if origin is list and args:
+        return args[0]
+    if origin is tuple and args:
+        return args[0] if args[-1] is Ellipsis else args[min(index, len(args) - 1)]
+    return Any
 
 
 # --------------------------------------------------------------------------- data
@@ -64,16 +131,29 @@ class CocoSource(_Strict):
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # split off train when no val json
     split_seed: int = 0
     score_threshold: float = Field(0.0, ge=0.0, le=1.0)
+    # true: read images whose file_name leaves the image folder (../x.jpg, /abs/x.jpg)
+    allow_outside_root: bool = False
 
 
 class DlcSource(_Strict):
-    """A DeepLabCut project folder, split into train / val by image."""
+    """A DeepLabCut project folder or a label CSV, split into train / val by image."""
 
-    project: Path
-    val_fraction: float = Field(0.2, ge=0.0, lt=1.0)
-    split_seed: int = 0
+    project: Path  # DLC project folder (config.yaml) or a label .csv (lightning-pose style)
+    val_fraction: float | None = Field(None, ge=0.0, lt=1.0)  # null: 1 - TrainingFraction, or 0.2
+    val_frames: list[str] = []  # hold out these frames (path ends or globs: video1/img0*.png)
+    val_last: int = Field(0, ge=0)  # hold out the last N frames of each video folder (file order)
+    split_seed: int = 0  # seed of the random val_fraction split
     box: Literal["keypoints", "image"] = "keypoints"
     margin: float = Field(0.2, ge=0.0)
+
+    @model_validator(mode="after")
+    def _check_split(self) -> DlcSource:
+        if self.val_fraction is not None and (self.val_frames or self.val_last):
+            raise ValueError(
+                "val_fraction and val_frames / val_last both set; the named or last frames are "
+                "the validation set, so drop val_fraction (or set it to null)"
+            )
+        return self
 
 
 class SyntheticSource(_Strict):
@@ -95,8 +175,8 @@ class DataSection(_Strict):
     synthetic_pins: SyntheticSource | None = None
     spec: Literal["coco17"] | dict[str, Any] | None = None  # None: derived from the source
     mode: Literal["topdown", "whole", "random_crop"] = "topdown"
-    padding: tuple[float, float] = (1.2, 1.3)
-    train_box_extend: float = Field(1.25, gt=0.0)
+    padding: tuple[float, float] = DEFAULT_PADDING
+    train_box_extend: float = Field(DEFAULT_TRAIN_BOX_EXTEND, gt=0.0)
     on_error: Literal["raise", "skip"] = "raise"
 
     @field_validator("spec")
@@ -131,12 +211,23 @@ class ModelSection(_Strict):
     input_size: tuple[int, int] = (256, 192)
     pyramid_channels: int = Field(256, ge=1)
     init_from: Path | None = None
+    bn_momentum: float = Field(0.9, gt=0.0, lt=1.0)  # BatchNorm moving-average momentum
 
     @model_validator(mode="after")
     def _check(self) -> ModelSection:
         if any(s <= 0 or s % 32 for s in self.input_size):
             raise ValueError(f"input_size {list(self.input_size)}: H and W must divide by 32")
         return self
+
+    @field_validator("backbone_weights")
+    @classmethod
+    def _check_weights(cls, weights: str | None, info: Any) -> str | None:
+        if weights == "imagenet" and info.data.get("backbone") == "tiny":
+            raise ValueError(
+                "backbone 'tiny' has no ImageNet weights; set model.backbone_weights: null "
+                "(or a tiny .weights.h5 file), or use backbone resnet50"
+            )
+        return weights
 
 
 class LossSection(_Strict):
@@ -183,10 +274,11 @@ class TrainSection(_Strict):
     seed: int = 0
     steps_per_epoch: int | None = Field(None, ge=1)  # cap; default: one pass over the data
     validation_steps: int | None = Field(None, ge=1)
-    freeze_backbone_epochs: int = Field(0, ge=0)
+    freeze_backbone_epochs: int = Field(0, ge=0)  # skipped when nothing is pretrained
     unfreeze_lr_factor: float = Field(1.0, gt=0.0)
     validation_every: int = Field(1, ge=1)
     backup_every_steps: int | None = Field(None, ge=1)  # default: back up every epoch
+    precise_bn_batches: int = Field(16, ge=0)  # recompute BN statistics each epoch; 0: off
     verbose: Literal[0, 1, 2] = 1
 
 
@@ -225,6 +317,23 @@ class Recipe(_Strict):
     def error(self, key: str, message: str) -> RecipeError:
         """A RecipeError naming this recipe's file and ``key``."""
         return RecipeError(f"{self._source}: {key}: {message}")
+
+    def codec(self) -> Codec:
+        """The :class:`kpnet.codec.Codec` of this recipe: geometry, sigmas and decoding."""
+        d, e, lo = self.data, self.evaluation, self.loss
+        return Codec(
+            input_size=tuple(self.model.input_size),
+            global_sigmas=tuple(lo.global_sigmas),
+            refine_sigma=lo.refine_sigma,
+            mode=d.mode,
+            padding=tuple(d.padding),
+            train_box_extend=d.train_box_extend,
+            method=e.decode,
+            flip_test=e.flip_test,
+            max_peaks=e.max_peaks,
+            threshold=e.threshold,
+            min_distance=e.min_distance,
+        )
 
     def check_files(self) -> None:
         """Raise RecipeError naming the key of every input path that does not exist."""

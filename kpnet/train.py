@@ -152,14 +152,7 @@ def pipeline_config(recipe: Recipe):
         )
     except (ValueError, TypeError, AttributeError) as err:
         raise recipe.error("augment", str(err)) from None
-    return PipelineConfig(
-        input_size=tuple(recipe.model.input_size),
-        stride=4,
-        mode=recipe.data.mode,
-        padding=tuple(recipe.data.padding),
-        train_box_extend=recipe.data.train_box_extend,
-        augment=augment,
-    )
+    return PipelineConfig(codec=recipe.codec(), augment=augment)
 
 
 def load_data(
@@ -174,12 +167,20 @@ def load_data(
     if data.source == "coco":
         return _load_coco(data.coco, spec, data.on_error, detections)
     if data.source == "dlc":
-        from kpnet.data.dlc import load_dlc_records
+        from kpnet.data.dlc import default_val_fraction, load_dlc_records, split_dlc
+        from kpnet.data.records import DataError
 
         d = data.dlc
         dlc_spec, records = load_dlc_records(d.project, d.box, d.margin, data.on_error)
         _check_spec(recipe, spec, dlc_spec)
-        return (spec or dlc_spec, *split_by_image(records, d.val_fraction, d.split_seed))
+        fraction = d.val_fraction
+        if fraction is None:  # not set: 1 - config.yaml's TrainingFraction, else 0.2
+            fraction = default_val_fraction(d.project)
+        try:
+            train, val = split_dlc(records, fraction, d.val_frames, d.val_last, d.split_seed)
+        except DataError as err:
+            raise recipe.error("data.dlc", str(err)) from None
+        return spec or dlc_spec, train, val
     return _load_synthetic(data.synthetic_pins, spec, data.on_error)
 
 
@@ -187,8 +188,9 @@ def _load_coco(c, spec, on_error: str, detections: bool):
     from kpnet.data.coco import load_coco_records
 
     spec, train = load_coco_records(
-        c.train_annotations, c.train_images, spec=spec, on_error=on_error
-    )
+        c.train_annotations, c.train_images, spec=spec, on_error=on_error,
+        allow_outside_root=c.allow_outside_root,
+    )  # fmt: skip
     if c.val_annotations is None:
         return (spec, *split_by_image(train, c.val_fraction, c.split_seed))
     boxes = c.val_boxes if detections else None
@@ -199,6 +201,7 @@ def _load_coco(c, spec, on_error: str, detections: bool):
         boxes_file=boxes,
         score_threshold=c.score_threshold,
         on_error=on_error,
+        allow_outside_root=c.allow_outside_root,
     )
     return spec, list(train), list(val)
 
@@ -313,9 +316,20 @@ class Phase:
 
 
 def training_phases(recipe: Recipe) -> list[Phase]:
-    """Frozen-backbone phase (if any) then the unfrozen phase."""
-    t = recipe.train
+    """Frozen-backbone phase (if any) then the unfrozen phase.
+
+    Only a pretrained trunk is frozen: with ``model.backbone_weights`` and
+    ``model.init_from`` both null, ``train.freeze_backbone_epochs`` is skipped (warning).
+    """
+    t, m = recipe.train, recipe.model
     frozen = min(t.freeze_backbone_epochs, t.epochs)
+    if frozen and m.backbone_weights is None and m.init_from is None:
+        _log(
+            f"train.freeze_backbone_epochs={t.freeze_backbone_epochs} skipped: the backbone "
+            "is not pretrained (model.backbone_weights and model.init_from are null), so the "
+            "whole network trains from the first epoch"
+        )
+        frozen = 0
     phases = [Phase(0, 0, frozen, True)] if frozen else []
     if t.epochs > frozen:
         factor = t.unfreeze_lr_factor if frozen else 1.0
@@ -325,17 +339,22 @@ def training_phases(recipe: Recipe) -> list[Phase]:
 
 def build_model(recipe: Recipe, spec: KeypointSpec, init: bool = True) -> keras.Model:
     """The CPN heatmap model of a recipe, re-targeted from ``model.init_from`` if set."""
+    from kpnet.models.backbones import BackboneWeightsError
     from kpnet.models.cpn import build_cpn
 
     m = recipe.model
-    model = build_cpn(
-        spec.num_channels,
-        input_shape=(*m.input_size, 3),
-        backbone=m.backbone,
-        backbone_weights=m.backbone_weights,
-        pyramid_channels=m.pyramid_channels,
-        name="cpn",
-    )
+    try:
+        model = build_cpn(
+            spec.num_channels,
+            input_shape=(*m.input_size, 3),
+            backbone=m.backbone,
+            backbone_weights=m.backbone_weights,
+            pyramid_channels=m.pyramid_channels,
+            name="cpn",
+            bn_momentum=m.bn_momentum,
+        )
+    except BackboneWeightsError as err:
+        raise recipe.error("model.backbone_weights", str(err)) from None
     if init and m.init_from is not None:
         _init_from(recipe, model)
     return model
@@ -419,12 +438,13 @@ def configure_phase(
         gamma=t.gamma,
         start_step=phase.start * steps_per_epoch,
     )
+    codec = recipe.codec()  # the losses encode with the codec the decoder decodes with
     losses, weights = build_losses(
         spec,
         refine_loss=lo.refine,
         top_k=lo.top_k,
-        global_sigmas=lo.global_sigmas,
-        refine_sigma=lo.refine_sigma,
+        global_sigmas=codec.global_sigmas,
+        refine_sigma=codec.refine_sigma,
         global_weight=lo.global_weight,
         refine_weight=lo.refine_weight,
         pixel_ratio=lo.pixel_ratio,
@@ -451,30 +471,23 @@ def _build_training_state(model: keras.Model, spec: KeypointSpec) -> None:
 
 # --------------------------------------------------------------------------- evaluation
 def _keypoints_model(heatmap_model: keras.Model, recipe: Recipe, spec: KeypointSpec):
+    """The heatmap model with the recipe's codec inside (decoding, flip test, geometry)."""
     from kpnet.inference import build_keypoints_model
 
-    e = recipe.evaluation
-    return build_keypoints_model(
-        heatmap_model,
-        spec,
-        method=e.decode,
-        flip_test=e.flip_test,
-        max_peaks=e.max_peaks,
-        threshold=e.threshold,
-        min_distance=e.min_distance,
-    )
+    return build_keypoints_model(heatmap_model, spec, recipe.codec())
 
 
 def _evaluator(recipe: Recipe, spec: KeypointSpec, records, config):
-    """``evaluate(heatmap_model) -> metrics`` on the validation records, or None."""
+    """``evaluate(heatmap_model) -> metrics`` on the validation records, or None.
+
+    Validation runs the keypoints model :func:`_keypoints_model` builds (the one fit saves
+    as ``keypoints.keras``) through :func:`kpnet.runner.evaluate_model`: the crops, the
+    decoding and the mapping back to the image are those of ``kpnet predict``.
+    """
     if not records:
         return None
-    try:
-        from kpnet.evaluate import evaluate_model
-        from kpnet.inference import build_keypoints_model  # noqa: F401
-    except ImportError:
-        _log("kpnet.inference is not available: monitoring the validation loss")
-        return None
+    from kpnet.runner import evaluate_model
+
     e = recipe.evaluation
     built: list[tuple[keras.Model, keras.Model]] = []  # reused: one predict trace per model
 
@@ -506,6 +519,7 @@ class _Run:
     evaluate: Any
     monitor: str
     guard: NaNGuard
+    train_records: Sequence[InstanceRecord] = ()  # for precise BN statistics
 
 
 def fit(recipe: Recipe, output_dir: str | Path) -> dict[str, Any]:
@@ -539,6 +553,7 @@ def _fit(recipe: Recipe, out: Path, strategy: tf.distribute.Strategy) -> dict[st
     if not train:
         raise recipe.error("data", "no training records (check the data paths and split)")
     (out / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
+    (out / "codec.json").write_text(json.dumps(recipe.codec().to_dict(), indent=2))
     config = pipeline_config(recipe)
     t = recipe.train
     replicas = strategy.num_replicas_in_sync
@@ -553,7 +568,7 @@ def _fit(recipe: Recipe, out: Path, strategy: tf.distribute.Strategy) -> dict[st
                                  strategy if multi_worker else None)  # fmt: skip
     evaluate = None if multi_worker else _evaluator(recipe, spec, val, config)
     monitor = "val_px_mean" if evaluate else ("val_loss" if val else "loss")
-    run = _Run(recipe, out, spec, steps, val_ds, evaluate, monitor, NaNGuard())
+    run = _Run(recipe, out, spec, steps, val_ds, evaluate, monitor, NaNGuard(), train)
     _log(
         f"{len(train)} training / {len(val)} validation instances, {spec.num_keypoints} "
         f"keypoints in {spec.num_channels} channels; {replicas} replica(s), global batch "
@@ -645,6 +660,9 @@ def _restore(model, run: _Run, phases: list[Phase], backup: dict, names: set[str
 def _callbacks(run: _Run, phase: Phase) -> list[keras.callbacks.Callback]:
     t, out = run.recipe.train, run.out
     cbs: list[keras.callbacks.Callback] = [run.guard]
+    precise_bn = _precise_bn(run)
+    if precise_bn is not None:  # before val_loss, metrics and checkpoints of each epoch
+        cbs.append(precise_bn)
     if run.evaluate is not None:
         cbs.append(KeypointMetrics(run.evaluate, t.validation_every, t.epochs - 1, run.guard))
     best = _best_so_far(out / "history.csv", run.monitor)
@@ -659,6 +677,31 @@ def _callbacks(run: _Run, phase: Phase) -> list[keras.callbacks.Callback]:
         Backup(out / "backup", phase.index, run.guard, t.backup_every_steps),
     ]  # fmt: skip
     return cbs
+
+
+def _precise_bn(run: _Run) -> keras.callbacks.Callback | None:
+    """Precise BN (``train.precise_bn_batches``) over the training images in the inference
+    geometry (no augmentation), at most one pass over them per epoch; None when off."""
+    from kpnet.batchnorm import PreciseBN
+    from kpnet.data.pipeline import build_dataset
+
+    t, records = run.recipe.train, list(run.train_records)
+    if not t.precise_bn_batches or not records:
+        return None
+    batches = min(t.precise_bn_batches, math.ceil(len(records) / t.batch_size))
+    cap = 4 * batches * t.batch_size  # a large set: a fixed random subset, checked once
+    if len(records) > cap:
+        keep = np.random.default_rng(t.seed).choice(len(records), cap, replace=False)
+        records = [records[i] for i in sorted(keep)]
+    config = pipeline_config(run.recipe)
+
+    def dataset() -> tf.data.Dataset:
+        return build_dataset(
+            records, run.spec, config, t.batch_size, training=False, shuffle=True,
+            repeat=True, seed=t.seed, on_error=run.recipe.data.on_error, drop_remainder=True,
+        ).map(lambda images, keypoints: images)  # fmt: skip
+
+    return PreciseBN(dataset, batches)
 
 
 def _nan_error(run: _Run) -> TrainingError:
@@ -759,7 +802,7 @@ def _finalize(run: _Run, val: list[InstanceRecord]) -> dict[str, Any]:
     metrics = _final_metrics(run, model, val)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     result["metrics"] = metrics
-    if run.recipe.export.keypoints_model and run.evaluate is not None:
+    if run.recipe.export.keypoints_model or run.recipe.export.saved_model:
         kp_model = _keypoints_model(model, run.recipe, run.spec)
         kp_model.save(out / "keypoints.keras")
         result["keypoints_model"] = str(out / "keypoints.keras")

@@ -23,7 +23,7 @@ DLC = DATA / "dlc_reaching"
 
 def _need(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"{path} not available")
+        pytest.skip(f"shared data not available: {path}")
     return path
 
 
@@ -113,7 +113,6 @@ def test_preview_passes_config_to_write_preview(monkeypatch, tmp_path, pins):
 
 
 def test_preview_writes_png(tmp_path, pins):
-    pytest.importorskip("kpnet.data.preview")
     import cv2
 
     ann, _ = pins["val"]

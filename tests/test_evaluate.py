@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from kpnet.codec import crop_affine, transform_points
+from kpnet.data import pipeline
 from kpnet.data.records import DataError, InstanceRecord
 from kpnet.evaluate import (
     COCO_STAT_NAMES,
@@ -32,7 +33,7 @@ REF = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_eval_refer
 @pytest.fixture(scope="module")
 def ref_files() -> tuple[str, str]:
     if not (REF / "example_coco_preds.json").is_file():
-        pytest.skip("shared coco_eval_reference data not available")
+        pytest.skip(f"shared data not available: {REF}")
     return str(REF / "example_coco_val.json"), str(REF / "example_coco_preds.json")
 
 
@@ -283,7 +284,6 @@ def test_predict_records_maps_back_to_image_in_record_order():
 @pytest.fixture
 def dot_data(tmp_path):
     """Three images with one white dot each, their records, spec and pipeline config."""
-    pipeline = pytest.importorskip("kpnet.data.pipeline")
     import cv2
 
     rng = np.random.default_rng(1)

@@ -189,7 +189,7 @@ def test_epoch_schedule_matches_tf_cpn_halving_and_cosine():
 @pytest.mark.slow
 def test_fit_dlc_project(tmp_path):
     if not DLC.is_dir():
-        pytest.skip("shared DeepLabCut data not available")
+        pytest.skip(f"shared data not available: {DLC}")
     recipe = load_recipe(REPO / "recipes" / "dlc-project.yaml", [
         f"data.dlc.project={DLC}", "model.backbone=tiny", "model.backbone_weights=null",
         "model.input_size=[64,64]", "model.pyramid_channels=16", "train.epochs=2",

@@ -16,6 +16,7 @@ from kpnet.inference import (
     heatmap_overlay,
     load_model,
 )
+from kpnet.models import build_cpn
 from kpnet.spec import KeypointSpec, SpecError
 
 PINS = KeypointSpec(names=("pin_a", "pin_b", "tip"), channel_map=(0, 0, 1))
@@ -162,8 +163,7 @@ def test_load_model_wraps_a_heatmap_model_with_spec_json(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_cpn_keypoints_model_round_trip(tmp_path):
-    models = pytest.importorskip("kpnet.models")
-    cpn = models.build_cpn(PINS.num_channels, input_shape=(64, 64, 3), backbone="tiny")
+    cpn = build_cpn(PINS.num_channels, input_shape=(64, 64, 3), backbone="tiny")
     model = build_keypoints_model(cpn, PINS, flip_test=True)
     images = np.random.default_rng(2).integers(0, 255, (2, 64, 64, 3)).astype(np.uint8)
     expected = model.predict(images, verbose=0)

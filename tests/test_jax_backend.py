@@ -49,7 +49,9 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("jax") is None, reason="optional dependency not installed: jax"
+)
 def test_tiny_cpn_trains_one_step_under_jax():
     # Cheap XLA compilation: the whole-step compile drops from ~40 s to ~10 s on 2 cores.
     flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"

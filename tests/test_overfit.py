@@ -32,22 +32,9 @@ def make_images(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 
 def decode(heatmaps: np.ndarray) -> np.ndarray:
-    """Heatmap-coordinate peaks [B,C,2] (kpnet's decoder when present, else argmax + quarter)."""
-    if hasattr(codec, "decode_heatmaps"):
-        xy, _ = codec.decode_heatmaps(heatmaps, method="dark")
-        return np.asarray(xy)
-    b, h, w, c = heatmaps.shape
-    flat = heatmaps.transpose(0, 3, 1, 2).reshape(b, c, -1).argmax(-1)
-    y, x = np.divmod(flat, w)
-    out = np.stack([x, y], -1).astype(np.float32)
-    for i in range(b):
-        for j in range(c):
-            hm, xi, yi = heatmaps[i, :, :, j], x[i, j], y[i, j]
-            if 0 < xi < w - 1:
-                out[i, j, 0] += 0.25 * np.sign(hm[yi, xi + 1] - hm[yi, xi - 1])
-            if 0 < yi < h - 1:
-                out[i, j, 1] += 0.25 * np.sign(hm[yi + 1, xi] - hm[yi - 1, xi])
-    return out
+    """Heatmap-coordinate peaks [B,C,2] from kpnet's own decoder."""
+    xy, _ = codec.decode_heatmaps(heatmaps, method="dark")
+    return np.asarray(xy)
 
 
 def test_tiny_cpn_overfits_two_blobs():

@@ -51,7 +51,7 @@ def source_overrides(path: Path, cache: Path) -> list[str]:
         ]  # fmt: skip
     if source == "coco":
         if not COCO.is_dir():
-            pytest.skip(f"{COCO} not available")
+            pytest.skip(f"shared data not available: {COCO}")
         ann = COCO / "annotations"
         return [
             f"data.coco.train_annotations={ann / 'person_keypoints_train2017.json'}",
@@ -60,7 +60,7 @@ def source_overrides(path: Path, cache: Path) -> list[str]:
             f"data.coco.val_images={COCO / 'val2017'}",
         ]
     if not DLC.is_dir():
-        pytest.skip(f"{DLC} not available")
+        pytest.skip(f"shared data not available: {DLC}")
     return [f"data.dlc.project={DLC}"]
 
 

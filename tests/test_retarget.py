@@ -34,7 +34,7 @@ HEADS = {f"{n}_head_{k}" for n in ("global_p2", "global_p3", "global_p4", "globa
          for k in ("conv", "bn")}  # fmt: skip
 
 pytestmark = pytest.mark.skipif(
-    not (COCO.is_dir() and DLC.is_dir()), reason=f"{DATA} (coco_mini, dlc_reaching) not available"
+    not (COCO.is_dir() and DLC.is_dir()), reason=f"shared data not available: {COCO} and {DLC}"
 )
 
 

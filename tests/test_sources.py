@@ -16,7 +16,7 @@ from kpnet.data.check import check_records, format_check
 from kpnet.data.coco import guess_flip_pairs, load_coco_records, spec_from_category
 from kpnet.data.dlc import dlc_to_coco, load_dlc_records
 from kpnet.data.records import DataError
-from kpnet.spec import KeypointSpec
+from kpnet.spec import COCO17_NAMES, KeypointSpec
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COCO_MINI = DATA / "coco_mini"
@@ -25,7 +25,7 @@ DLC = DATA / "dlc_reaching"
 
 def _need(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"{path} not available")
+        pytest.skip(f"shared data not available: {path}")
     return path
 
 
@@ -84,9 +84,11 @@ def test_spec_from_category_converts_skeleton_and_guesses_flips():
     assert spec.skeleton == ((0, 1), (0, 2))
     assert spec.flip_pairs == ((1, 2),)
     assert guess_flip_pairs(["pin_left", "pin_right", "l_ear", "r_ear", "lid"]) == ((0, 1), (2, 3))
-    assert spec_from_category({"name": "person"}) == KeypointSpec.coco17()
-    with pytest.raises(DataError, match="no keypoint names"):
-        spec_from_category({"name": "car"}, "x.json")
+    assert spec_from_category({"name": "person", "keypoints": list(COCO17_NAMES)}) == \
+        KeypointSpec.coco17()
+    for name in ("car", "person"):  # a nameless person category is not silently COCO-17
+        with pytest.raises(DataError, match="x.json: category .* no keypoint names.*data.spec"):
+            spec_from_category({"name": name}, "x.json")
 
 
 def test_coco_filters_crowd_and_unlabelled(tmp_path):

@@ -17,16 +17,11 @@ def main() -> None:
 
 
 def _register() -> None:
+    """Add every command. A module that fails to import fails ``kpnet`` with its cause."""
     import importlib
 
     for module in ("data", "fit", "evaluate", "predict", "export"):
-        try:
-            mod = importlib.import_module(f"kpnet.cli.{module}")
-        except ModuleNotFoundError as err:  # a command module not written yet
-            if err.name == f"kpnet.cli.{module}":
-                continue
-            raise
-        for command in mod.COMMANDS:
+        for command in importlib.import_module(f"kpnet.cli.{module}").COMMANDS:
             main.add_command(command)
 
 

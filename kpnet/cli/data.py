@@ -31,17 +31,19 @@ def load_source(
     on_error: str = "raise",
     allow_outside_root: bool = False,
 ) -> tuple[KeypointSpec, Records]:
-    """Load a COCO json or a DLC project folder as (spec, records).
+    """Load a COCO json, a DLC project folder or a DLC / lightning-pose label CSV.
 
     ``allow_outside_root``: a COCO ``file_name`` may leave the image folder.
     """
     path = Path(source)
-    if path.is_dir():
+    if path.is_dir() or path.suffix.lower() == ".csv":
         from kpnet.data.dlc import load_dlc_records
 
         return load_dlc_records(path, on_error=on_error)
     if path.suffix.lower() != ".json":
-        raise DataError(f"{path}: expected a COCO .json file or a DeepLabCut project folder")
+        raise DataError(
+            f"{path}: expected a COCO .json file, a DeepLabCut project folder or a label .csv"
+        )
     from kpnet.data.coco import load_coco_records
 
     image_dir = Path(images) if images else guess_image_dir(path)

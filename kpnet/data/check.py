@@ -4,7 +4,9 @@ Loaders validate cheap things up front (file exists, keypoint count, NaN, box ar
 with ``on_error="skip"``, skip and count bad records in a :class:`LoadReport` attached to the
 returned :class:`Records` list. :func:`check_records` summarises records for humans
 (``kpnet data check``). Corrupt image files are only found by decoding: pass ``decode=True``
-here (slow on all of COCO) or let the pipeline's ``on_error`` catch them while training.
+here (slow on all of COCO: every image is decoded in full by TensorFlow, as training does, so a
+truncated JPEG that OpenCV would half-read counts as corrupt) or let the pipeline's
+``on_error`` catch them while training.
 
 Example:
     >>> import numpy as np
@@ -47,7 +49,9 @@ class LoadReport:
         skipped: reason -> count. Reasons ``crowd`` and ``no_keypoints`` (and ``low_score``,
             ``other_category`` for detections) are normal filtering; ``missing_image``,
             ``keypoint_count``, ``nan``, ``zero_area``, ``unknown_image``, ``bad_row`` are bad
-            records, counted only with ``on_error="skip"`` (else they raise).
+            records, counted only with ``on_error="skip"`` (else they raise); so are
+            ``visibility`` (not 0, 1 or 2) and ``outside_root`` (an image path that leaves
+            the image folder).
         examples: reason -> first few error messages, naming file and record.
     """
 
@@ -90,6 +94,21 @@ def check_on_error(on_error: str) -> None:
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
 
 
+def outside_root(root: str | os.PathLike, path: str | os.PathLike) -> bool:
+    """True when ``path`` is not inside the folder ``root`` (compared as written: ``..`` and
+    absolute paths count, symbolic links inside the folder are the user's choice).
+
+    Example:
+        >>> outside_root("images", "images/a/b.jpg"), outside_root("images", "images/../x.jpg")
+        (False, True)
+        >>> outside_root("/data/images", "/etc/hostname")
+        True
+    """
+    root = os.path.normpath(os.path.abspath(root))
+    path = os.path.normpath(os.path.abspath(path))
+    return os.path.commonpath([root, path]) != root
+
+
 def check_records(
     records: Sequence[InstanceRecord], spec: KeypointSpec, decode: bool = False
 ) -> dict[str, Any]:
@@ -98,8 +117,8 @@ def check_records(
     Args:
         records: instance records from any source.
         spec: the keypoint spec (names the per-keypoint counts).
-        decode: also decode every image with OpenCV to find corrupt files and learn
-            unknown image sizes (slow on large sets).
+        decode: also decode every image in full (TensorFlow, as training does) to find
+            corrupt or truncated files and learn unknown image sizes (slow on large sets).
 
     Returns:
         dict with ``images``, ``instances``, ``labelled`` / ``coverage`` (per keypoint name),
@@ -113,7 +132,7 @@ def check_records(
         vis = np.stack([_keypoints(r, k)[:, 2] for r in records])
     sizes = _image_sizes(records, decode)
     missing = sorted({p for p, s in sizes.items() if s == "missing"})
-    corrupt = sorted({p for p, s in sizes.items() if s == "corrupt"})
+    corrupt = sorted(f"{p}: {s}" for p, s in sizes.items() if isinstance(s, _Corrupt))
     out_pts, out_boxes, zero_area, unknown, num_out = [], [], [], 0, 0
     for r in records:
         size = sizes.get(r.image_path)
@@ -198,7 +217,7 @@ def _keypoints(record: InstanceRecord, k: int) -> np.ndarray:
 
 
 def _image_sizes(records: Sequence[InstanceRecord], decode: bool) -> dict[str, Any]:
-    """image path -> (h, w), "missing", "corrupt" or None (size unknown)."""
+    """image path -> (h, w), "missing", :class:`_Corrupt` (why) or None (size unknown)."""
     sizes: dict[str, Any] = {}
     for r in records:
         if r.image_path in sizes:
@@ -212,11 +231,27 @@ def _image_sizes(records: Sequence[InstanceRecord], decode: bool) -> dict[str, A
     return sizes
 
 
-def _decoded_size(path: str) -> tuple[int, int] | str:
-    import cv2
+class _Corrupt(str):
+    """Why an image file cannot be decoded."""
 
-    image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    return "corrupt" if image is None else (int(image.shape[0]), int(image.shape[1]))
+
+def _decoded_size(path: str) -> tuple[int, int] | _Corrupt:
+    """(H, W) of the fully decoded image, or why it is corrupt: what training would read."""
+    import tensorflow as tf
+
+    try:
+        with open(path, "rb") as f:
+            contents = f.read()
+    except OSError as err:
+        return _Corrupt(f"cannot read the image file ({err.strerror or err})")
+    if not contents.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")):
+        return _Corrupt("not a JPEG or PNG file (convert it to one of those)")
+    try:  # as the pipeline reads it; OpenCV would return a truncated JPEG half grey
+        image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    except (tf.errors.OpError, ValueError) as err:
+        why = getattr(err, "message", str(err)).splitlines()[0]
+        return _Corrupt(f"the image is corrupt or truncated ({why})")
+    return int(image.shape[0]), int(image.shape[1])
 
 
 def _points_outside(kp: np.ndarray, size: tuple[int, int]) -> list[int]:

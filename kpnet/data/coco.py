@@ -5,10 +5,12 @@ without labelled keypoints (as tf-cpn does). Test mode (``boxes_file``): one rec
 detection box of the keypoint category, keypoints all unlabelled. Keypoints are taken as they
 are in the json (COCO pixel coordinates; kpnet puts pixel centres at integers).
 
-Bad records (missing image file, wrong keypoint count, NaN coordinates, zero-area box, a
-detection for an image the json does not list) raise :class:`DataError` naming the file and
-the annotation id; with ``on_error="skip"`` they are skipped and counted in
-``records.report`` (a :class:`~kpnet.data.check.LoadReport`). Corrupt JPEGs are not decoded
+Bad records (missing image file, a ``file_name`` that leaves the image folder, wrong keypoint
+count, NaN coordinates, a visibility other than 0 / 1 / 2, zero-area box, a detection for an
+image the json does not list) raise :class:`DataError` naming the file and the annotation id;
+with ``on_error="skip"`` they are skipped and counted in ``records.report`` (a
+:class:`~kpnet.data.check.LoadReport`). A json that lists one image id twice, or a category
+without keypoint names (and no ``spec``), is refused as a whole. Corrupt JPEGs are not decoded
 here (too slow for COCO): ``kpnet data check --decode`` or the pipeline's ``on_error`` finds
 them.
 
@@ -32,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from kpnet.data.check import LoadReport, Records, check_on_error
+from kpnet.data.check import LoadReport, Records, check_on_error, outside_root
 from kpnet.data.records import DataError, InstanceRecord
 from kpnet.spec import COCO17_NAMES, KeypointSpec
 
@@ -49,6 +51,7 @@ def load_coco_records(
     score_threshold: float = 0.0,
     on_error: str = "raise",
     category: str | int | None = None,
+    allow_outside_root: bool = False,
 ) -> tuple[KeypointSpec, Records]:
     """Load COCO keypoint annotations (or detection boxes) as instance records.
 
@@ -61,6 +64,8 @@ def load_coco_records(
         score_threshold: keep detections with score >= this.
         on_error: "raise" or "skip" bad records (counted in ``records.report``).
         category: category name or id; default the json's only keypoint category (or person).
+        allow_outside_root: read images whose ``file_name`` leaves ``image_dir`` (``../x.jpg``,
+            an absolute path); by default such records are bad (``outside_root``).
 
     Returns:
         (spec, records); ``records.report`` holds kept and skipped counts.
@@ -71,15 +76,16 @@ def load_coco_records(
     spec = spec if spec is not None else spec_from_category(cat, annotation_file)
     _warn_name_mismatch(cat, spec, annotation_file)
     report = LoadReport(source=str(annotation_file))
+    image_dir = ImageDir(Path(image_dir), allow_outside_root)
     if boxes_file is None:
-        records = _gt_records(coco, cat["id"], spec, Path(image_dir), report, on_error)
+        records = _gt_records(coco, cat["id"], spec, image_dir, report, on_error)
     else:
         dets = _read_json(boxes_file)
         if not isinstance(dets, list):
             raise DataError(f"{boxes_file}: expected a list of COCO detection results")
         report.source = str(boxes_file)
         records = _detection_records(
-            coco, dets, cat["id"], spec, Path(image_dir), score_threshold, report, on_error,
+            coco, dets, cat["id"], spec, image_dir, score_threshold, report, on_error,
             boxes_file,
         )  # fmt: skip
     out = Records(records, report)
@@ -90,19 +96,20 @@ def load_coco_records(
 def spec_from_category(category: Mapping[str, Any], source: PathLike = "") -> KeypointSpec:
     """A spec from a COCO category: keypoint names, 1-based skeleton, left/right flip pairs.
 
-    The COCO person category (17 standard names) gives :meth:`KeypointSpec.coco17`.
+    The COCO person category (17 standard names) gives :meth:`KeypointSpec.coco17`; a
+    category without keypoint names is refused (even "person": pass the spec instead).
 
     Example:
         >>> spec_from_category({"keypoints": ["l_tip", "r_tip"], "skeleton": [[1, 2]]}).skeleton
         ((0, 1),)
     """
     names = tuple(category.get("keypoints") or ())
-    if names == COCO17_NAMES or (not names and category.get("name") == "person"):
+    if names == COCO17_NAMES:
         return KeypointSpec.coco17()
     if not names:
         raise DataError(
-            f"{source}: category {category.get('name')!r} lists no keypoint names; "
-            "pass a spec (recipe `spec:`)"
+            f"{source}: category {category.get('name')!r} lists no keypoint names; add them "
+            "(the category's 'keypoints' list) or give the spec (recipe data.spec, e.g. coco17)"
         )
     skeleton = []
     for pair in category.get("skeleton") or ():
@@ -113,23 +120,62 @@ def spec_from_category(category: Mapping[str, Any], source: PathLike = "") -> Ke
 
 
 def guess_flip_pairs(names: Sequence[str]) -> tuple[tuple[int, int], ...]:
-    """Pairs of names that differ only by left/right (``left_eye``/``right_eye``, ``l_x``/``r_x``).
+    """Pairs of names that differ only by left/right, whatever the style, case-insensitive.
+
+    Names are split into words at ``_``, ``-``, spaces and other punctuation, at camel-case
+    and letter/digit boundaries, and around the words ``left`` / ``right`` (so ``leftear``
+    works). ``left``/``right`` and the single letters ``l``/``r`` (as whole words only) mark
+    the side: ``left_ear``/``right_ear``, ``l_ear``/``r_ear``, ``ear_L``/``ear_R``,
+    ``earL``/``earR``, ``LeftEar``/``RightEar``, ``EarLeft``/``EarRight``, ``L Ear``/``R Ear``,
+    ``leftear``/``rightear``. Names like ``lip``/``rip`` or ``Leg`` have no side word and are
+    never paired; each name joins at most one pair.
 
     Example:
         >>> guess_flip_pairs(["nose", "left_eye", "right_eye", "pin_l", "pin_r"])
         ((1, 2), (3, 4))
+        >>> guess_flip_pairs(["leftear", "rightear", "earL", "earR", "lip", "rip", "LPaw", "RPaw"])
+        ((0, 1), (2, 3), (6, 7))
     """
-    swap = {"left": "right", "right": "left", "l": "r", "r": "l"}
-    index = {n.lower(): i for i, n in enumerate(names)}
+    words = [_name_words(n) for n in names]
+    canon = [tuple(_SIDE_WORD.get(w, w) for w in ws) for ws in words]
+    by_canon: dict[tuple[str, ...], list[int]] = {}
+    for i, key in enumerate(canon):
+        by_canon.setdefault(key, []).append(i)
+    paired: set[int] = set()
     pairs = []
-    for i, name in enumerate(names):
-        tokens = name.lower().replace("-", "_").split("_")
-        if not any(t in swap for t in tokens):
+    for same_style in (True, False):  # l_ear pairs with r_ear before right_ear
+        for i, key in enumerate(canon):
+            if i in paired or not any(w in _SIDE_SWAP for w in key):
+                continue
+            mirror = tuple(_SIDE_SWAP.get(w, w) for w in key)
+            style = tuple(_SIDE_LETTER_SWAP.get(w, w) for w in words[i])
+            found = [
+                j for j in by_canon.get(mirror, ())
+                if j != i and j not in paired and (tuple(words[j]) == style or not same_style)
+            ]  # fmt: skip
+            if found:
+                paired |= {i, found[0]}
+                pairs.append((min(i, found[0]), max(i, found[0])))
+    return tuple(sorted(pairs))
+
+
+_SIDE_WORD = {"l": "left", "r": "right"}  # canonical side words
+_SIDE_SWAP = {"left": "right", "right": "left"}
+_SIDE_LETTER_SWAP = {"left": "right", "right": "left", "l": "r", "r": "l"}
+
+
+def _name_words(name: str) -> list[str]:
+    """Lower-case words of a keypoint name: ``"LeftEar_2"`` -> ``['left', 'ear', '2']``."""
+    import re
+
+    words = []
+    for part in re.split(r"[\W_]+", str(name)):
+        if not part.isascii():  # no camel-case rules outside ASCII: keep the part whole
+            words.append(part.lower())
             continue
-        j = index.get("_".join(swap.get(t, t) for t in tokens))
-        if j is not None and i < j:
-            pairs.append((i, j))
-    return tuple(pairs)
+        for word in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", part):
+            words += [w for w in re.split(r"(left|right)", word.lower()) if w]
+    return words
 
 
 # --------------------------------------------------------------------------- reading
@@ -150,6 +196,7 @@ def _load_coco(annotation_file: PathLike):
     if not isinstance(data, dict) or "images" not in data:
         raise DataError(f"{annotation_file}: not a COCO json (no 'images' list)")
     data.setdefault("annotations", [])
+    _check_images(data["images"], annotation_file)
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
@@ -158,6 +205,23 @@ def _load_coco(annotation_file: PathLike):
         except (KeyError, TypeError) as err:
             raise DataError(f"{annotation_file}: malformed COCO json (missing key {err})") from None
     return coco
+
+
+def _check_images(images: Any, source: PathLike) -> None:
+    """Every image entry has an id and a file_name, and no id is listed twice."""
+    if not isinstance(images, list):
+        raise DataError(f"{source}: 'images' must be a list of image entries")
+    seen: dict[Any, str] = {}
+    for i, image in enumerate(images):
+        if not isinstance(image, dict) or "id" not in image or "file_name" not in image:
+            raise DataError(f"{source}: images[{i}] needs an 'id' and a 'file_name'")
+        first = seen.get(image["id"])
+        if first is not None:
+            raise DataError(
+                f"{source}: image id {image['id']} is listed twice ({first!r} and "
+                f"{image['file_name']!r}); give every image its own id"
+            )
+        seen[image["id"]] = str(image["file_name"])
 
 
 def _pick_category(
@@ -196,7 +260,7 @@ def _warn_name_mismatch(cat: Mapping[str, Any], spec: KeypointSpec, source: Path
 
 # --------------------------------------------------------------------------- records
 def _gt_records(
-    coco, cat_id: int, spec: KeypointSpec, image_dir: Path, report: LoadReport, on_error: str
+    coco, cat_id: int, spec: KeypointSpec, image_dir: ImageDir, report: LoadReport, on_error: str
 ) -> list[InstanceRecord]:
     records = []
     for ann in coco.dataset["annotations"]:
@@ -213,7 +277,7 @@ def _gt_records(
 
 
 def _gt_record(
-    coco, ann: dict, spec: KeypointSpec, image_dir: Path, report: LoadReport, on_error: str
+    coco, ann: dict, spec: KeypointSpec, image_dir: ImageDir, report: LoadReport, on_error: str
 ) -> InstanceRecord | None:
     where = f"{report.source} annotation id {ann.get('id')}"
     kp = np.asarray(ann.get("keypoints") or [], np.float32)
@@ -229,6 +293,11 @@ def _gt_record(
     if not np.isfinite(kp).all():
         report.bad("nan", f"{where}: NaN keypoint coordinates", on_error)
         return None
+    odd = sorted({float(v) for v in kp[:, 2]} - {0.0, 1.0, 2.0})
+    if odd:
+        report.bad("visibility", f"{where}: visibility {', '.join(f'{v:g}' for v in odd)} "
+                   "(COCO uses 0 unlabelled, 1 occluded, 2 visible)", on_error)  # fmt: skip
+        return None
     if not (kp[:, 2] > 0).any():
         report.skip("no_keypoints")
         return None
@@ -241,7 +310,7 @@ def _gt_record(
 
 
 def _detection_records(
-    coco, dets: list, cat_id: int, spec: KeypointSpec, image_dir: Path, threshold: float,
+    coco, dets: list, cat_id: int, spec: KeypointSpec, image_dir: ImageDir, threshold: float,
     report: LoadReport, on_error: str, boxes_file: PathLike,
 ) -> list[InstanceRecord]:  # fmt: skip
     records = []
@@ -271,11 +340,16 @@ def _detection_records(
 
 
 def _checked_record(
-    image: dict, image_dir: Path, bbox, kp: np.ndarray, record_id, score: float, where: str,
+    image: dict, image_dir: ImageDir, bbox, kp: np.ndarray, record_id, score: float, where: str,
     report: LoadReport, on_error: str,
 ) -> InstanceRecord | None:  # fmt: skip
-    path = str(image_dir / image["file_name"])
+    path, outside = image_dir.path(image["file_name"])
     source, where = where, f"{where} (image {path})"
+    if outside:  # checked first: such a path is never opened
+        report.bad("outside_root", f"{source}: file_name {image['file_name']!r} is outside the "
+                   f"image folder {image_dir.root}; fix the file_name, or set "
+                   "data.coco.allow_outside_root: true to read it", on_error)  # fmt: skip
+        return None
     box = np.asarray(bbox if bbox is not None else [np.nan] * 4, np.float64).reshape(-1)
     if box.size != 4 or not np.isfinite(box).all():
         report.bad("nan", f"{where}: bbox {bbox} is missing or not 4 finite numbers", on_error)
@@ -297,3 +371,24 @@ def _checked_record(
         image_size=size,
         source=source,
     )
+
+
+class ImageDir:
+    """An image folder and whether an annotation's ``file_name`` may leave it.
+
+    Example:
+        >>> ImageDir(Path("data/images")).path("cam1/0001.jpg")
+        ('data/images/cam1/0001.jpg', False)
+        >>> ImageDir(Path("data/images")).path("../../etc/hostname")[1]
+        True
+        >>> ImageDir(Path("data/images"), allow_outside=True).path("/srv/img.jpg")
+        ('/srv/img.jpg', False)
+    """
+
+    def __init__(self, root: Path, allow_outside: bool = False):
+        self.root, self.allow_outside = root, allow_outside
+
+    def path(self, file_name: Any) -> tuple[str, bool]:
+        """(the image's path, True when it is outside the folder and that is not allowed)."""
+        path = str(self.root / str(file_name))
+        return path, not self.allow_outside and outside_root(self.root, path)
