@@ -1,0 +1,476 @@
+"""Frame sources for prediction: image files, folders of images and videos, one frame at a time.
+
+Every input is an image file, a folder (its images and videos, in natural file-name order:
+``img2.png`` before ``img10.png``) or a video that OpenCV reads (mp4, avi, mov, mkv, ...).
+:func:`iter_frames` yields :class:`Frame` objects with RGB uint8 pixels; :func:`count_frames`
+counts them up front for a progress bar; :class:`VideoWriter` writes labelled frames back to a
+video and :class:`Progress` prints frames done / total and frames per second on stderr.
+
+Images are decoded ONE way in the whole package, :func:`read_image`: TensorFlow's
+``tf.io.decode_image`` on the file bytes, exactly as the training pipeline does. It ignores EXIF
+orientation (a phone photo tagged "rotate 90" keeps its stored pixel grid, so keypoints are in
+the grid the model saw in training). Formats TensorFlow cannot decode (TIFF, and WebP on older
+TensorFlow) fall back to OpenCV, also ignoring EXIF orientation.
+
+Example:
+    >>> import tempfile, pathlib, numpy as np, cv2
+    >>> folder = pathlib.Path(tempfile.mkdtemp())
+    >>> for i in (1, 2, 10):
+    ...     _ = cv2.imwrite(str(folder / f"img{i}.png"), np.zeros((4, 6, 3), np.uint8))
+    >>> [(f.name, f.index, f.image.shape) for f in iter_frames([folder])]
+    [('img1.png', 0, (4, 6, 3)), ('img2.png', 1, (4, 6, 3)), ('img10.png', 2, (4, 6, 3))]
+    >>> count_frames([folder])
+    3
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TypeVar
+
+import numpy as np
+
+from kpnet.data.records import DataError
+
+PathLike = str | os.PathLike
+
+#: File suffixes read as still images (lower case).
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".jp2", ".pbm",
+     ".pgm", ".ppm", ".pnm"}
+)  # fmt: skip
+#: File suffixes read as videos through ``cv2.VideoCapture`` (lower case).
+VIDEO_SUFFIXES = frozenset(
+    {".mp4", ".avi", ".mov", ".mkv", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm", ".flv",
+     ".mj2", ".ogv", ".3gp"}
+)  # fmt: skip
+#: Signatures of formats every supported TensorFlow decodes (no OpenCV fallback for these, so
+#: a corrupt JPEG is an error, never a partial OpenCV decode).
+_TF_MAGIC = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM")
+#: fourcc per output video suffix (codecs the opencv-python-headless wheels can write).
+_FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "MJPG"}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame to predict.
+
+    Attributes:
+        source: the file the pixels came from (the video, or the image file).
+        index: frame number in the video, or position of the image in its input (0 for a
+            single image file).
+        name: ``clip.avi#000012`` for a video frame, the file name for an image.
+        image: RGB uint8 [H, W, 3].
+        fps: frames per second of the video (None for images).
+        input: the input argument the frame came from (video, folder or image file): frames
+            of one input go to one output table.
+    """
+
+    source: Path
+    index: int
+    name: str
+    image: np.ndarray = field(repr=False)
+    fps: float | None = None
+    input: Path | None = None
+
+    @property
+    def is_video(self) -> bool:
+        """True for a frame decoded from a video."""
+        return self.fps is not None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the image."""
+        return int(self.image.shape[0]), int(self.image.shape[1])
+
+
+# --------------------------------------------------------------------------- images
+def read_image(path: PathLike) -> np.ndarray:
+    """RGB uint8 [H, W, 3] pixels of an image file, EXIF orientation ignored.
+
+    TensorFlow decodes JPEG, PNG, GIF (first frame), BMP (and WebP on recent versions), exactly
+    as the training pipeline does; other formats (TIFF, ...) go through OpenCV. 16-bit images
+    become 8-bit, grey ones RGB.
+
+    Raises:
+        DataError: one line naming the file when it is missing, empty, corrupt or in a format
+            neither decoder reads.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> bad = pathlib.Path(tempfile.mkdtemp()) / "bad.png"
+        >>> _ = bad.write_bytes(b"not an image")
+        >>> try:
+        ...     read_image(bad)
+        ... except DataError as err:
+        ...     print(str(err).split(": ", 1)[1])
+        cannot decode the image (corrupt, or a format neither TensorFlow nor OpenCV reads; ...)
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the image file ({err.strerror or err})") from None
+    if not data:
+        raise DataError(f"{path}: the image file is empty")
+    image, why = _decode_tf(data)
+    if image is not None:
+        return image
+    if data.startswith(_TF_MAGIC):
+        raise DataError(f"{path}: cannot decode the image (corrupt or truncated: {why})")
+    image = _decode_cv2(data)
+    if image is None:
+        raise DataError(
+            f"{path}: cannot decode the image (corrupt, or a format neither TensorFlow nor "
+            "OpenCV reads; convert it to PNG or JPEG)"
+        )
+    return image
+
+
+def _decode_tf(data: bytes) -> tuple[np.ndarray | None, str | None]:
+    import tensorflow as tf
+
+    try:
+        image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    except (tf.errors.OpError, ValueError) as err:
+        message = (getattr(err, "message", str(err)) or type(err).__name__).strip()
+        message = re.sub(r"\{\{.*?\}\}|\[Op:\w+\]", "", message.splitlines()[-1]).strip()
+        return None, message[:200]
+    return np.asarray(image, dtype=np.uint8), None
+
+
+def _decode_cv2(data: bytes) -> np.ndarray | None:
+    import cv2
+
+    flags = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if bgr is None or bgr.size == 0:
+        return None
+    if bgr.dtype != np.uint8:  # IMREAD_COLOR already gives 8 bits; be safe with odd builds
+        bgr = (bgr / (np.iinfo(bgr.dtype).max / 255.0)).round().astype(np.uint8)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+# --------------------------------------------------------------------------- inputs
+def natural_key(name: str) -> tuple:
+    """Sort key ordering embedded numbers by value: ``img2.png`` before ``img10.png``.
+
+    Example:
+        >>> sorted(["img10.png", "img2.png", "IMG1.png"], key=natural_key)
+        ['IMG1.png', 'img2.png', 'img10.png']
+    """
+    parts = re.split(r"(\d+)", name)
+    return tuple((0, int(p), p) if p.isdigit() else (1, p.lower(), p) for p in parts)
+
+
+def is_video(path: PathLike) -> bool:
+    """True when the file suffix is a video format (``VIDEO_SUFFIXES``)."""
+    return Path(path).suffix.lower() in VIDEO_SUFFIXES
+
+
+def is_image(path: PathLike) -> bool:
+    """True when the file suffix is an image format (``IMAGE_SUFFIXES``)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def list_inputs(inputs: Sequence[PathLike]) -> list[tuple[Path, list[Path]]]:
+    """Check the inputs up front: ``[(input, [its image or video files in order])]``.
+
+    A folder contributes its images and videos (not its sub-folders) in natural order.
+
+    Raises:
+        DataError: an input does not exist, is not an image or video file, or is a folder
+            without any.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    out = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            files = [p for p in path.iterdir() if p.is_file() and (is_image(p) or is_video(p))]
+            if not files:
+                raise DataError(
+                    f"{path}: no image or video files in this folder (images: "
+                    f"{', '.join(sorted(IMAGE_SUFFIXES))}; videos: "
+                    f"{', '.join(sorted(VIDEO_SUFFIXES))})"
+                )
+            out.append((path, sorted(files, key=lambda p: natural_key(p.name))))
+        elif path.is_file():
+            if not (is_image(path) or is_video(path)):
+                raise DataError(
+                    f"{path}: not an image or video file (by its suffix {path.suffix!r}); "
+                    "pass images, videos or folders of images"
+                )
+            out.append((path, [path]))
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return out
+
+
+def iter_frames(inputs: Sequence[PathLike]) -> Iterator[Frame]:
+    """Every frame of every input, in order: image files, folders of images, videos.
+
+    All inputs are checked (:func:`list_inputs`) before the first frame is decoded, so a typo
+    in the last argument fails at once.
+
+    Raises:
+        DataError: a missing or unsupported input, an unreadable image, a video OpenCV cannot
+            open or that has no frames.
+    """
+    listed = list_inputs(inputs)
+    for item, files in listed:
+        position = 0
+        for path in files:
+            if is_video(path):
+                yield from _video_frames(path, item)
+            else:
+                yield Frame(path, position, path.name, read_image(path), None, item)
+                position += 1
+
+
+def _open_video(path: Path):
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        cap.release()
+        raise DataError(
+            f"{path}: OpenCV cannot open this video (corrupt, or a codec its FFmpeg lacks); "
+            "convert it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4"
+        )
+    return cap
+
+
+def _video_frames(path: Path, item: Path) -> Iterator[Frame]:
+    import cv2
+
+    cap = _open_video(path)
+    try:
+        fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
+        fps = fps if math.isfinite(fps) and fps > 0 else 30.0
+        index = 0
+        while True:
+            ok, bgr = cap.read()
+            if not ok or bgr is None:
+                break
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            yield Frame(path, index, f"{path.name}#{index:06d}", rgb, fps, item)
+            index += 1
+    finally:
+        cap.release()
+    if index == 0:
+        raise DataError(f"{path}: the video has no frames OpenCV can decode")
+
+
+def count_frames(inputs: Sequence[PathLike]) -> int | None:
+    """Number of frames :func:`iter_frames` will yield, or None when a video does not say.
+
+    Videos report ``CAP_PROP_FRAME_COUNT`` from their header (exact for most containers,
+    an estimate for some); images count one each.
+
+    Raises:
+        DataError: as :func:`list_inputs`, or for a video OpenCV cannot open.
+    """
+    import cv2
+
+    total = 0
+    for _, files in list_inputs(inputs):
+        for path in files:
+            if not is_video(path):
+                total += 1
+                continue
+            cap = _open_video(path)
+            n = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+            cap.release()
+            if not n or not math.isfinite(n) or n <= 0:
+                return None
+            total += int(n)
+    return total
+
+
+# --------------------------------------------------------------------------- writing
+class VideoWriter:
+    """Write RGB uint8 frames to an mp4 (``mp4v``) or avi (``MJPG``) video with OpenCV.
+
+    The file is written under a temporary name beside ``path`` and renamed when the writer
+    closes without an error, so a failed run never leaves half a video (or clobbers an old
+    one). The frame size comes from the first frame unless given.
+
+    Example:
+        >>> import tempfile, pathlib, numpy as np
+        >>> out = pathlib.Path(tempfile.mkdtemp()) / "labelled.avi"
+        >>> with VideoWriter(out, fps=10) as writer:
+        ...     for i in range(3):
+        ...         writer.write(np.full((48, 64, 3), 40 * i, np.uint8))
+        >>> out.is_file(), writer.frames
+        (True, 3)
+    """
+
+    def __init__(
+        self, path: PathLike, fps: float = 30.0, size: tuple[int, int] | None = None,
+        fourcc: str | None = None,
+    ) -> None:  # fmt: skip
+        self.path = Path(path)
+        suffix = self.path.suffix.lower()
+        if fourcc is None and suffix not in _FOURCC:
+            raise DataError(
+                f"{self.path}: cannot write a {suffix or 'suffix-less'} video; use one of "
+                f"{', '.join(sorted(_FOURCC))}"
+            )
+        self.fourcc = fourcc or _FOURCC[suffix]
+        self.fps = float(fps) if fps and math.isfinite(fps) and fps > 0 else 30.0
+        self.size = tuple(size) if size is not None else None  # (height, width)
+        self.frames = 0
+        self._tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+        self._writer = None
+        if self.size is not None:
+            self._open()
+
+    def _open(self) -> None:
+        import cv2
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        h, w = self.size
+        writer = cv2.VideoWriter(
+            str(self._tmp), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (int(w), int(h))
+        )
+        if not writer.isOpened():
+            writer.release()
+            self._tmp.unlink(missing_ok=True)
+            raise DataError(
+                f"{self.path}: OpenCV cannot write this video (codec {self.fourcc}, "
+                f"{w}x{h} at {self.fps:g} fps); try an .avi (MJPG) or .mp4 (mp4v) file name"
+            )
+        self._writer = writer
+
+    def write(self, image: np.ndarray) -> None:
+        """Append one RGB uint8 [H, W, 3] frame (grey [H, W] frames are accepted too)."""
+        import cv2
+
+        image = np.asarray(image)
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if self.size is None:
+            self.size = (int(image.shape[0]), int(image.shape[1]))
+        if self._writer is None:
+            self._open()
+        if tuple(image.shape[:2]) != tuple(self.size):
+            raise ValueError(
+                f"{self.path}: frame {self.frames} is {image.shape[1]}x{image.shape[0]}, the "
+                f"video is {self.size[1]}x{self.size[0]}"
+            )
+        bgr = cv2.cvtColor(np.ascontiguousarray(image, dtype=np.uint8), cv2.COLOR_RGB2BGR)
+        self._writer.write(bgr)
+        self.frames += 1
+
+    def close(self, keep: bool = True) -> None:
+        """Finish the file (``keep=False``: delete what was written)."""
+        if self._writer is not None:
+            self._writer.release()
+            self._writer = None
+            if keep and self.frames:
+                os.replace(self._tmp, self.path)
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(keep=exc_type is None)
+
+
+# --------------------------------------------------------------------------- progress
+class Progress:
+    """A one-line progress report on stderr: frames done / total, frames per second, ETA.
+
+    On a terminal the line updates in place (carriage return) at most every ``interval``
+    seconds; otherwise (logs, pipes, pytest) only the final line is printed by :meth:`close`.
+
+    Example:
+        >>> import io
+        >>> stream = io.StringIO()
+        >>> with Progress(3, "predict", stream=stream) as bar:
+        ...     for _ in bar.iterate(range(3)):
+        ...         pass
+        >>> stream.getvalue().startswith("predict: 3/3 frames")
+        True
+    """
+
+    def __init__(
+        self, total: int | None, desc: str = "", stream: IO[str] | None = None,
+        interval: float = 0.2, unit: str = "frames",
+    ) -> None:  # fmt: skip
+        self.total = total if total and total > 0 else None
+        self.desc = desc
+        self.stream = stream if stream is not None else sys.stderr
+        self.interval = interval
+        self.unit = unit
+        self.done = 0
+        self._start = time.perf_counter()
+        self._last = -math.inf
+        self._width = 0
+        self._closed = False
+        isatty = getattr(self.stream, "isatty", None)
+        self.live = bool(isatty and isatty())
+
+    def update(self, n: int = 1) -> None:
+        """Count ``n`` more frames done."""
+        self.done += n
+        now = time.perf_counter()
+        if self.live and now - self._last >= self.interval:
+            self._last = now
+            self._print(self.line(), end="\r")
+
+    def iterate(self, items: Iterable[T]) -> Iterator[T]:
+        """Yield ``items``, counting one per item."""
+        for item in items:
+            yield item
+            self.update()
+
+    def line(self) -> str:
+        """The current report, e.g. ``predict: 120/300 frames (40%), 23.5 fps, ETA 8 s``."""
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        rate = self.done / elapsed
+        head = f"{self.desc}: " if self.desc else ""
+        if self.total:
+            percent = 100 * self.done / self.total
+            text = f"{head}{self.done}/{self.total} {self.unit} ({percent:.0f}%)"
+        else:
+            text = f"{head}{self.done} {self.unit}"
+        text += f", {rate:.1f} fps"
+        if self.total and not self._closed and self.done and self.done < self.total:
+            text += f", ETA {(self.total - self.done) / rate:.0f} s"
+        elif self._closed:
+            text += f", {elapsed:.1f} s"
+        return text
+
+    def _print(self, text: str, end: str) -> None:
+        pad = max(self._width - len(text), 0)
+        self._width = len(text)
+        self.stream.write(text + " " * pad + end)
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Print the final line (once)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._print(self.line(), end="\n")
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
