@@ -308,16 +308,26 @@ def decode_multi_peak(
     flat = ops.reshape(maps, (-1, c, h * w))
     masked = ops.where(peak_flat > 0, flat, -1.0)
     n = min(int(max_peaks), h * w)
-    values, idx = ops.top_k(masked, n)  # sorted, [B,C,N]
+    # Suppress among more candidates than wanted: a plateau (a peak at a half-pixel position,
+    # or a tie) gives several equal local maxima, which must not crowd out the next peak.
+    m = min(h * w, n * _CANDIDATES_PER_PEAK)
+    values, idx = ops.top_k(masked, m)  # sorted, [B,C,M]
     idx = ops.cast(idx, "int32")
     keep = _suppress_close(idx, values >= 0, w, int(min_distance))
-    scores = ops.where(keep, values, 0.0)
+    kept_values, order = ops.top_k(ops.where(keep, values, -1.0), n)  # best n survivors
+    idx = ops.take_along_axis(idx, ops.cast(order, "int32"), axis=-1)
+    keep = kept_values >= 0
+    scores = ops.where(keep, kept_values, 0.0)
     xy = _refine(maps, idx, method, sigma) * ops.cast(keep, "float32")[..., None]
     if n < int(max_peaks):  # tiny maps: pad to the requested number of peaks
         pad = int(max_peaks) - n
         xy = ops.pad(xy, ((0, 0), (0, 0), (0, pad), (0, 0)))
         scores = ops.pad(scores, ((0, 0), (0, 0), (0, pad)))
     return xy, scores
+
+
+#: Candidates per wanted peak examined by :func:`decode_multi_peak` before suppression.
+_CANDIDATES_PER_PEAK = 4
 
 
 def _check_method(method: str) -> None:
@@ -455,7 +465,7 @@ class Codec:
         True
 
     Args:
-        input_size: (H, W) of the model input, both divisible by 32.
+        input_size: (H, W) of the model input (a CPN needs multiples of 32).
         stride: input pixels per heatmap pixel.
         global_sigmas: Gaussian sigma (heatmap px) of the GlobalNet targets, P2..P5.
         refine_sigma: sigma of the RefineNet target; DARK decoding smooths with it.
@@ -499,8 +509,8 @@ class Codec:
 
     def _check(self) -> None:
         h_w = self.input_size
-        if len(h_w) != 2 or any(v <= 0 or v % 32 for v in h_w):
-            raise CodecError(f"codec.input_size: {list(h_w)} must be 2 multiples of 32")
+        if len(h_w) != 2 or any(v <= 0 for v in h_w):
+            raise CodecError(f"codec.input_size: {list(h_w)} must be 2 sizes > 0 (H, W)")
         if self.stride <= 0 or any(v % self.stride for v in h_w):
             raise CodecError(f"codec.stride: {self.stride} must divide {list(h_w)}")
         if self.mode not in CROP_MODES:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kpnet.codec import crop_affine, transform_points
+from kpnet.codec import Codec, crop_affine, transform_points
 from kpnet.data import pipeline
 from kpnet.data.records import DataError, InstanceRecord
 from kpnet.evaluate import (
@@ -22,9 +22,9 @@ from kpnet.evaluate import (
     format_table,
     match_points,
     oks_nms,
-    predict_records,
     to_coco_results,
 )
+from kpnet.runner import evaluate_model, predict_records
 from kpnet.spec import COCO17_SIGMAS, KeypointSpec
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_eval_reference"
@@ -256,7 +256,8 @@ def _crop_batches(records, order, batch_size, input_size=(64, 48)):
             for k, (x, y) in enumerate(np.rint(transform_points(rec.keypoints[:, :2], affine))):
                 images[b, int(y), int(x), k] = 255
             affines.append(affine)
-        meta = {"affine": np.stack(affines), "index": np.array(idx, np.int64)}
+        meta = {"affine": np.stack(affines), "index": np.array(idx, np.int64),
+                "image_hw": np.full((len(idx), 2), 1000, np.int32)}  # fmt: skip
         batches.append((images, None, meta))
     return batches
 
@@ -274,9 +275,6 @@ def test_predict_records_maps_back_to_image_in_record_order():
     # one crop pixel is box / 40 image pixels here: rounding costs at most half of it
     assert np.abs(xy - gt).max() <= 0.5 * 150 * 1.2 / 40 + 1e-3
     assert scores == pytest.approx(np.ones((5, 2)))
-    spec = KeypointSpec(names=("a", "b"))
-    flipped, _ = predict_records(ColourPeakModel(2), batches, len(records), spec, flip_test=True)
-    assert flipped == pytest.approx(xy, abs=1e-3)
     with pytest.raises(DataError, match="1 of 5 records got no prediction"):
         predict_records(ColourPeakModel(2), batches[:-1], len(records))
 
@@ -297,12 +295,10 @@ def dot_data(tmp_path):
         kps = np.array([[x, y, 2]], np.float32)
         records.append(InstanceRecord(str(path), (x - 40, y - 50, 80, 100), kps, i, i, 1.0))
     spec = KeypointSpec(names=("dot",), sigmas=(0.05,))
-    return spec, records, pipeline.PipelineConfig(input_size=(64, 64))
+    return spec, records, pipeline.PipelineConfig(codec=Codec((64, 64)))
 
 
 def test_evaluate_model_through_the_pipeline(dot_data):
-    from kpnet.evaluate import evaluate_model
-
     spec, records, config = dot_data
     m = evaluate_model(ColourPeakModel(1), records, spec, config, batch_size=2)
     # one crop pixel is about 130 / 64 = 2 image pixels
@@ -321,7 +317,7 @@ def test_cli_model_mode(dot_data, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "kpnet.train", train)
     seen = {}
     monkeypatch.setattr(kpnet.recipe, "load_recipe", lambda p, o: seen.update(recipe=(p, o)))
-    monkeypatch.setattr(kpnet.inference, "load_model", lambda p, spec: ColourPeakModel(1))
+    monkeypatch.setattr(kpnet.inference, "load_model", lambda p, spec, **kw: ColourPeakModel(1))
     (tmp_path / "model.keras").write_text("")
     (tmp_path / "recipe.yaml").write_text("")
     args = [str(tmp_path / "model.keras"), str(tmp_path / "recipe.yaml"), "--set", "a.b=1"]
@@ -387,7 +383,7 @@ def test_cli_detections_mode_scores_against_the_whole_ground_truth(dot_data, tmp
         "model": {"backbone": "tiny", "backbone_weights": None, "input_size": [64, 64]},
     }
     (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))
-    monkeypatch.setattr(kpnet.inference, "load_model", lambda p, spec: ColourPeakModel(1))
+    monkeypatch.setattr(kpnet.inference, "load_model", lambda p, spec, **kw: ColourPeakModel(1))
     (tmp_path / "model.keras").write_text("")
     args = [
         "evaluate",

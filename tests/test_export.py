@@ -16,9 +16,8 @@ from _blobs import blob_image
 from click.testing import CliRunner
 
 from kpnet.cli import main
-from kpnet.cli.predict import crop_image, crop_matrix
-from kpnet.codec import input_to_heatmap, invert_affine, render_heatmaps
-from kpnet.export import SIGNATURES, crop_transforms, export_saved_model
+from kpnet.codec import input_to_heatmap, render_heatmaps
+from kpnet.export import SIGNATURES, export_saved_model
 from kpnet.inference import build_keypoints_model
 from kpnet.spec import KeypointSpec
 
@@ -33,7 +32,7 @@ import tensorflow as tf
 
 path, image_file, box = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 loaded = tf.saved_model.load(path)
-image = tf.io.decode_png(tf.io.read_file(image_file), channels=3)[None]
+image = tf.io.decode_image(tf.io.read_file(image_file), channels=3, expand_animations=False)[None]
 
 def describe(fn):
     spec = lambda t: [t.dtype.name, t.shape.as_list()]
@@ -52,39 +51,10 @@ print(json.dumps({
     "sentinel": sentinel["keypoints"].numpy()[0].tolist(),
     "spec": json.loads(meta["spec_json"].numpy().decode()),
     "input_size": meta["input_size"].numpy().tolist(),
+    "codec": json.loads(meta["codec_json"].numpy().decode()),
     "kpnet_imported": any(m.split(".")[0] == "kpnet" for m in sys.modules),
 }))
 """
-
-
-# --------------------------------------------------------------------------- geometry
-def test_crop_transforms_invert_codec_crop_affine():
-    boxes = np.array(
-        [[10, 20, 50, 60], [0.5, 3, 200, 40], [100, 50, 8, 300], [0, 0, 0, 0], [5, 5, -1, 10]],
-        np.float32,
-    )
-    image_hw = (300, 400)
-    got = crop_transforms(tf.constant(boxes), tf.constant(image_hw), INPUT).numpy()
-    for box, t in zip(boxes, got, strict=True):
-        whole = box[2] <= 0 or box[3] <= 0
-        m = crop_matrix(None if whole else box, image_hw, INPUT)
-        expected = invert_affine(m)  # crop -> image
-        np.testing.assert_allclose(t[:6].reshape(2, 3), expected, rtol=1e-5, atol=1e-3)
-        np.testing.assert_array_equal(t[6:], 0.0)
-
-
-def test_tf_warp_matches_opencv_pixel_centres():
-    rng = np.random.default_rng(1)
-    image = cv2.GaussianBlur(rng.integers(0, 256, (120, 170, 3), dtype=np.uint8), (0, 0), 2)
-    box = np.array([30.3, 10.7, 80.0, 90.0], np.float32)
-    t = crop_transforms(tf.constant(box[None]), tf.constant(image.shape[:2]), INPUT)
-    ours = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None], transforms=t, output_shape=list(INPUT), fill_value=0.0,
-        interpolation="BILINEAR", fill_mode="CONSTANT",
-    )[0].numpy().astype(np.float32)  # fmt: skip
-    ref = crop_image(image, crop_matrix(box, image.shape[:2], INPUT), INPUT).astype(np.float32)
-    assert np.abs(ours - ref).mean() < 0.5
-    assert np.abs(ours - ref).max() <= 3
 
 
 # --------------------------------------------------------------------------- export
@@ -169,7 +139,8 @@ def test_saved_model_in_plain_tensorflow_matches_cli(tiny_run, tmp_path):
     cv2.imwrite(str(image_file), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     box = [30.5, 40.0, 80.0, 120.0]
     dets = tmp_path / "dets.json"
-    dets.write_text(json.dumps([{"image_id": 17, "category_id": 1, "bbox": box, "score": 0.9}]))
+    dets.write_text(json.dumps([{"file_name": "17.png", "category_id": 1, "bbox": box,
+                                 "score": 0.9}]))  # fmt: skip
     runner = CliRunner()
     sm = tmp_path / "serving" / "1"
     res = runner.invoke(main, ["export", str(tiny_run), "-o", str(sm)])
@@ -191,9 +162,11 @@ def test_saved_model_in_plain_tensorflow_matches_cli(tiny_run, tmp_path):
     served = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not served["kpnet_imported"]  # (tensorflow itself imports keras)
     assert (cli["box"][:, 2] > 0.2).all()  # meaningful peaks, not a flat map
-    np.testing.assert_allclose(served["box"], cli["box"][:, :2], atol=0.5)
-    np.testing.assert_allclose(served["box_scores"], cli["box"][:, 2], atol=0.02)
-    np.testing.assert_allclose(served["whole"], cli["whole"][:, :2], atol=0.5)
+    # the same sampler, codec and decoder: the same keypoints (JSON keeps 3 decimals)
+    np.testing.assert_allclose(served["box"], cli["box"][:, :2], atol=0.01)
+    np.testing.assert_allclose(served["box_scores"], cli["box"][:, 2], atol=0.002)
+    np.testing.assert_allclose(served["whole"], cli["whole"][:, :2], atol=0.01)
+    assert served["codec"]["input_size"] == list(INPUT)
     np.testing.assert_allclose(served["sentinel"], served["whole"], atol=1e-4)
     assert served["spec"]["names"] == list(SPEC.names) and served["input_size"] == list(INPUT)
     sigs = served["signatures"]
@@ -208,3 +181,43 @@ def test_saved_model_in_plain_tensorflow_matches_cli(tiny_run, tmp_path):
     assert sigs["whole_image"]["inputs"] == {"images": ["uint8", [None, None, None, 3]]}
     assert sigs["crops"]["inputs"] == {"crops": ["float32", [None, *INPUT, 3]]}
     assert sigs["crops"]["outputs"]["heatmaps"] == ["float32", [None, 24, 16, 3]]
+
+
+def test_exif_rotated_jpeg_same_keypoints_in_validation_predict_and_saved_model(tiny_run, tmp_path):
+    """EXIF orientation is ignored everywhere (the stored pixel grid, which labels refer to)."""
+    from PIL import Image
+
+    from kpnet.data.pipeline import PipelineConfig
+    from kpnet.data.records import InstanceRecord
+    from kpnet.inference import codec_of, load_model
+    from kpnet.runner import evaluate_model
+
+    image = _blob_image([(60.0, 90.0), (85.0, 130.0), (50.0, 140.0)], (210, 155), sigma=10.0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees to display
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(image).save(path, quality=95, exif=exif.tobytes())
+    box = [30.5, 40.0, 80.0, 120.0]
+    model = load_model(tiny_run)
+    record = InstanceRecord(str(path), tuple(box), np.zeros((3, 3), np.float32), 0, 0, 1.0)
+    config = PipelineConfig(codec=codec_of(model))
+    validation = evaluate_model(model, [record], SPEC, config)["predictions"][0]["keypoints"]
+    dets = tmp_path / "dets.json"
+    dets.write_text(json.dumps([{"file_name": path.name, "bbox": box, "score": 1.0}]))
+    out = tmp_path / "pred.json"
+    res = CliRunner().invoke(main, ["predict", str(tiny_run), str(path), "--boxes", str(dets),
+                                    "-o", str(out)])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    predicted = json.loads(out.read_text())[0]["keypoints"]
+    sm = tmp_path / "sm"
+    export_saved_model(model, sm)
+    proc = subprocess.run(
+        [sys.executable, "-c", SERVING_CLIENT, str(sm), str(path), json.dumps(box)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    served = json.loads(proc.stdout.strip().splitlines()[-1])["box"]
+    v, p = np.reshape(validation, (-1, 3))[:, :2], np.reshape(predicted, (-1, 3))[:, :2]
+    np.testing.assert_allclose(p, v, atol=1e-3)
+    np.testing.assert_allclose(served, v, atol=0.01)
+    assert (v[:, 1] < 210).all()  # inside the stored 155x210 grid, not a rotated one

@@ -56,37 +56,73 @@ def _blob_image(center, shape=(128, 96), sigma=8.0) -> np.ndarray:
 # --------------------------------------------------------------------------- decoder layer
 def test_decoder_puts_keypoints_where_rendered_in_input_pixels():
     spec = KeypointSpec(names=("a", "b", "c"))
-    hm_codec = codec.HeatmapCodec((256, 192), stride=4, sigma=2.0)
+    hm_codec = codec.Codec((256, 192), stride=4, refine_sigma=2.0)
     kp = np.array([[[37.3, 101.9, 2], [150.0, 220.6, 2], [2.0, 3.0, 2]]], np.float32)
-    out = KeypointDecoder(spec, stride=4, sigma=2.0)(hm_codec.encode(kp))
+    out = KeypointDecoder(spec, hm_codec)(hm_codec.encode(kp))
     np.testing.assert_allclose(np.asarray(out["keypoints"]), kp[..., :2], atol=0.02)
     assert np.asarray(out["scores"]).shape == (1, 3) and np.all(np.asarray(out["scores"]) > 0.9)
 
 
 def test_decoder_hands_shared_channel_peaks_to_its_keypoints_by_score():
-    hm_codec = codec.HeatmapCodec((256, 192), stride=4, sigma=2.0, channels=PINS.channels)
+    hm_codec = codec.Codec((256, 192), stride=4, refine_sigma=2.0)
     kp = np.array([[[41.5, 61.5, 2], [141.5, 201.5, 2], [101.5, 101.5, 2]]], np.float32)
-    hm = np.asarray(hm_codec.encode(kp)).copy()
+    hm = np.asarray(hm_codec.encode(kp, channels=PINS.channels)).copy()
     hm[:, :32, :, 0] *= 0.6  # the first pin is the weaker peak: it comes second
-    out = KeypointDecoder(PINS.to_dict(), stride=4, sigma=2.0)(hm)
+    out = KeypointDecoder(PINS.to_dict(), hm_codec.to_dict())(hm)
     xy, scores = np.asarray(out["keypoints"]), np.asarray(out["scores"])
     np.testing.assert_allclose(xy[0], [[141.5, 201.5], [41.5, 61.5], [101.5, 101.5]], atol=0.05)
     np.testing.assert_allclose(scores[0], [1.0, 0.6, 1.0], atol=1e-3)
     # one pin missing: its keypoint gets score 0
     hm[:, 32:, :, 0] = 0.0
-    scores = np.asarray(KeypointDecoder(PINS, stride=4, sigma=2.0)(hm)["scores"])
+    scores = np.asarray(KeypointDecoder(PINS, hm_codec)(hm)["scores"])
     np.testing.assert_allclose(scores[0], [0.6, 0.0, 1.0], atol=1e-3)
 
 
 def test_decoder_config_round_trip_and_bad_options():
-    layer = KeypointDecoder(PINS, stride=4, method="quarter", max_peaks=3, threshold=0.2)
+    c = codec.Codec((64, 48), method="quarter", max_peaks=3, threshold=0.2)
+    layer = KeypointDecoder(PINS, c)
     clone = KeypointDecoder.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
-    assert clone.spec == PINS
+    assert clone.spec == PINS and clone.codec == c
     with pytest.raises(ValueError, match="max_peaks=1"):
-        KeypointDecoder(PINS, max_peaks=1)
+        KeypointDecoder(PINS, c.replace(max_peaks=1))
     with pytest.raises(ValueError, match="method"):
-        KeypointDecoder(PINS, method="soft")
+        KeypointDecoder(PINS, {**c.to_dict(), "method": "soft"})
+    # files of kpnet 0.1 stored the decode options one by one
+    legacy = KeypointDecoder.from_config({"spec": PINS.to_dict(), "stride": 4, "sigma": 2.0,
+                                          "method": "argmax", "name": "decode"})  # fmt: skip
+    assert legacy.codec.refine_sigma == 2.0 and legacy.codec.method == "argmax"
+
+
+def test_mixed_precision_model_decodes_in_float32(tmp_path):
+    """Trained a step under mixed_float16, the keypoints model still decodes in float32:
+    two pins of one channel at half-pixel positions, 1e-4 apart in height, both survive."""
+    from kpnet.losses import build_losses
+
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        cpn = build_cpn(PINS.num_channels, input_shape=(64, 64, 3), backbone="tiny",
+                        pyramid_channels=8)  # fmt: skip
+        losses, weights = build_losses(PINS)
+        cpn.compile(optimizer="adam", loss=losses, loss_weights=weights)
+        kp = np.array([[[10.0, 20.0, 2], [40.0, 30.0, 2], [30.0, 50.0, 2]]] * 2, np.float32)
+        cpn.train_on_batch(np.zeros((2, 64, 64, 3), np.uint8), {n: kp for n in codec.OUTPUT_NAMES})
+        model = build_keypoints_model(cpn, PINS, codec.Codec((64, 64), flip_test=True))
+        for name in ("decode", "flip_images", "unflip_heatmaps", "flip_average"):
+            assert model.get_layer(name).compute_dtype == "float32", name
+        decoder = model.get_layer("decode")
+        pins = np.array([[[3.5, 4.0, 2], [10.5, 12.0, 2], [0.0, 0.0, 0]]], np.float32)
+        hm = np.array(codec.render_heatmaps(pins, (16, 16), 1.4, PINS.channels, 2))
+        hm[:, 8:, :, 0] *= 1.0 - 1e-4  # in float16 the two pins' heights would tie
+        out = decoder(hm)
+        assert out["keypoints"].dtype == "float32"
+        xy = np.asarray(out["keypoints"])[0]
+        expected = codec.heatmap_to_input(pins[0, :2, :2], 4)
+        np.testing.assert_allclose(xy[:2], expected, atol=0.05)
+        assert (np.asarray(out["scores"])[0, :2] > 0.9).all()
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 # --------------------------------------------------------------------------- keypoints model
@@ -141,7 +177,7 @@ def test_save_load_round_trip_safe_mode(tmp_path):
     rewrapped = load_model(path, method="argmax")
     argmax = rewrapped.predict(images, verbose=0)["keypoints"]
     np.testing.assert_array_equal(argmax % 4, np.full_like(argmax, 1.5))  # pixel centres
-    assert rewrapped.get_layer("decode").threshold == 0.0  # other options kept
+    assert rewrapped.get_layer("decode").codec.threshold == 0.0  # other options kept
     assert rewrapped.get_layer("flip_average") is not None
 
 
