@@ -9,8 +9,9 @@ trained run folder instead), then predicts its validation records
 
 * (a) ``evaluate``: as ``kpnet evaluate`` and fit's validation do (the evaluation pipeline,
   :func:`kpnet.runner.evaluate_model`);
-* (b) ``predict``: as ``kpnet predict`` does on the image files (:func:`kpnet.predict.predict_inputs`),
-  with the records' boxes as a detections file (top-down) or on whole frames;
+* (b) ``predict``: as ``kpnet predict`` does on the image files
+  (:func:`kpnet.predict.predict_inputs`), with the records' boxes as a detections file
+  (top-down) or on whole frames;
 * (c) ``saved_model``: the run's SavedModel in a fresh Python process that imports only
   TensorFlow (images decoded with ``tf.io.decode_image``, boxes to ``serving_default``).
 

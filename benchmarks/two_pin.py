@@ -26,9 +26,9 @@ from pathlib import Path
 import keras
 
 from kpnet.data.synthetic import pin_spec
-from kpnet.evaluate import evaluate_model
 from kpnet.inference import build_keypoints_model
 from kpnet.recipe import Recipe, load_recipe
+from kpnet.runner import evaluate_model
 from kpnet.train import fit, load_data, pipeline_config
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -57,9 +57,7 @@ def score(recipe: Recipe, model_path: Path) -> dict:
     own_spec, _, val = load_data(recipe)
     e = recipe.evaluation
     heatmaps = keras.saving.load_model(model_path, compile=False)
-    model = build_keypoints_model(heatmaps, own_spec, method=e.decode, flip_test=e.flip_test,
-                                  max_peaks=e.max_peaks, threshold=e.threshold,
-                                  min_distance=e.min_distance)  # fmt: skip
+    model = build_keypoints_model(heatmaps, own_spec, recipe.codec())
     # the shared-channel spec makes both variants go through the same pin matching
     metrics = evaluate_model(model, val, pin_spec(single_channel=True), pipeline_config(recipe),
                              batch_size=e.batch_size, pin_score_threshold=e.threshold,
