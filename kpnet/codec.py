@@ -131,7 +131,7 @@ def box_to_center_scale(boxes, aspect_ratio: float, padding=DEFAULT_PADDING):
 
     Example:
         >>> c, s = box_to_center_scale((10, 20, 100, 50), 0.75, padding=(1.0, 1.0))
-        >>> np.asarray(c).tolist(), np.asarray(s).round(2).tolist()
+        >>> np.asarray(c).tolist(), np.asarray(s, "float64").round(2).tolist()
         ([59.5, 44.5], [100.0, 133.33])
 
     Args:
@@ -582,7 +582,7 @@ class Codec:
 
         Example:
             >>> m = Codec((256, 192)).crop_matrices([[0, 0, 0, 0]], [[480, 640]])
-            >>> np.asarray(m).round(3).tolist()   # the whole 640x480 frame, letterboxed
+            >>> (np.asarray(m, "float64").round(3) + 0.0).tolist()  # whole frame, letterboxed
             [[[0.3, 0.0, -0.35], [0.0, 0.3, 55.65]]]
         """
         center, size = self.regions(boxes, image_hw)

@@ -585,6 +585,8 @@ def format_table(metrics: Mapping[str, Any]) -> str:
             f"{p['false_positives']} false positives, matched error mean "
             f"{_fmt(p['error_mean'])} px (radius {metrics['pins']['match_radius']})"
         )
+    if metrics.get("crops"):
+        lines.append(f"crops: {metrics['crops']}")
     return "\n".join(lines)
 
 

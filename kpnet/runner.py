@@ -86,8 +86,19 @@ def evaluate_model(
     """
     xy, scores = _predict_all(keypoints_model, records, spec, pipeline_config, batch_size)
     metrics = evaluate_predictions(xy, scores, records, spec, **metric_options)
+    metrics["crops"] = crop_source(pipeline_config.codec)
     metrics["predictions"] = to_coco_results(records, xy, scores)
     return metrics
+
+
+def crop_source(codec: Codec, detections: bool = False) -> str:
+    """Where validation crops come from, for reports: whole frames, detector boxes, or boxes
+    from the labels ("oracle boxes": a number no user gets on new frames without boxes)."""
+    if codec.mode != "topdown":
+        return "whole frames (as kpnet predict on new frames)"
+    if detections:
+        return "detector boxes"
+    return "oracle boxes (from the labels; new frames need --boxes from a detector)"
 
 
 def evaluate_detections(
