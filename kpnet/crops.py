@@ -12,7 +12,9 @@ How a crop is sampled from a full-resolution image and an image -> crop matrix:
    (reduced pixel j averages image pixels [r j, r j + r), as libjpeg's DCT scaling in
    training approximates);
 2. one bilinear warp (``ImageProjectiveTransformV3``; pixel centres at integer
-   coordinates, zero fill outside the image), rounded to uint8.
+   coordinates, zero fill outside the image), kept in float32: rounding to uint8 would turn
+   the last-bit differences between TensorFlow's eager, graph and tf.data execution of the
+   same ops into whole grey levels.
 
 Images are decoded the same way everywhere: :func:`kpnet.frames.read_image` and the
 pipeline use TensorFlow's decoders, which ignore EXIF orientation: kpnet works on the stored
@@ -25,7 +27,7 @@ Example:
     >>> m = Codec((256, 192)).crop_matrices([[0, 0, 0, 0]], [[480, 640]])
     >>> crops = sample_crops(image[None], m, (256, 192))
     >>> tuple(crops.shape), crops.dtype.name
-    ((1, 256, 192, 3), 'uint8')
+    ((1, 256, 192, 3), 'float32')
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def sample_crops(
     image_index: tf.Tensor | None = None,
     fill_value: float = 0.0,
 ) -> tf.Tensor:
-    """uint8 crops [n, H, W, 3]: crop i of ``images[image_index[i]]`` by ``matrices[i]``.
+    """float32 crops [n, H, W, 3] (0..255): crop i of ``images[image_index[i]]`` by
+    ``matrices[i]``.
 
     Args:
         images: uint8 (or float) [N, H, W, 3] full-resolution images.
@@ -117,9 +120,9 @@ def sample_crops(
             images=reduced[None], transforms=transform[None], output_shape=[h, w],
             fill_value=float(fill_value), interpolation="BILINEAR", fill_mode="CONSTANT",
         )  # fmt: skip
-        return tf.cast(tf.clip_by_value(tf.round(out[0]), 0.0, 255.0), tf.uint8)
+        return tf.clip_by_value(out[0], 0.0, 255.0)
 
-    spec = tf.TensorSpec([h, w, images.shape[-1]], tf.uint8)
+    spec = tf.TensorSpec([h, w, images.shape[-1]], tf.float32)
     return tf.map_fn(one, (index, branch, inverse), fn_output_signature=spec)
 
 

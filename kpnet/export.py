@@ -9,7 +9,10 @@ Signatures (all outputs float32; K = ``spec.num_keypoints``, C = ``spec.num_chan
 * ``serving_default(images, boxes)``: ``images`` uint8 [N, H, W, 3] RGB of any size,
   ``boxes`` float32 [N, 4] = (x, y, w, h) in image pixels, one box per image row (repeat an
   image for several boxes). A box with ``w <= 0`` or ``h <= 0`` means "the whole image".
-  Returns ``keypoints`` [N, K, 2] (x, y) image pixels and ``scores`` [N, K].
+  Returns ``keypoints`` [N, K, 2] (x, y) image pixels and ``scores`` [N, K]. A bad request
+  fails with an ``InvalidArgumentError`` whose message says what is wrong
+  (:data:`REQUEST_ERRORS`): boxes not one row per image, a NaN or inf in the boxes, an image
+  of height or width 0. An empty batch (N = 0) returns empty outputs.
 * ``whole_image(images)``: the same on whole images (no boxes input).
 * ``crops(crops)``: float32 [N, in_h, in_w, 3] RGB 0..255, already cropped to the model's
   input size; returns ``keypoints`` [N, K, 2] crop pixels, ``scores`` [N, K] and
@@ -44,6 +47,15 @@ from kpnet.inference import codec_of, decoder_of, load_model, with_heatmaps
 from kpnet.spec import KeypointSpec
 
 SIGNATURES: tuple[str, ...] = ("serving_default", "whole_image", "crops", "metadata")
+
+#: The messages of the ``InvalidArgumentError`` a bad ``serving_default`` request raises.
+REQUEST_ERRORS: dict[str, str] = {
+    "boxes_rows": "boxes must have one row per image: boxes [N, 4] for images [N, H, W, 3] "
+    "(repeat an image for several boxes)",
+    "boxes_finite": "boxes must be finite (no NaN or inf); a box with w <= 0 or h <= 0 means "
+    "the whole image",
+    "image_size": "images must be at least 1x1 pixels (got an image of height or width 0)",
+}
 
 
 def export_saved_model(
@@ -114,6 +126,7 @@ class KeypointServingModule(tf.Module):
         self.codec = codec or codec_of(keypoints_model)
         self.input_size = self.codec.input_size
         self.spec_json = json.dumps(spec.to_dict())
+        self.num_keypoints = spec.num_keypoints
         h, w = self.input_size
         self.serving_default = tf.function(
             self._serve,
@@ -136,8 +149,27 @@ class KeypointServingModule(tf.Module):
         self.metadata = tf.function(self._metadata, autograph=False, input_signature=[])
 
     def _serve(self, images: tf.Tensor, boxes: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Check the request (:data:`REQUEST_ERRORS`), then crop, run and map back.
+
+        An empty batch returns empty outputs without running the model.
+        """
         n = tf.shape(images)[0]
-        hw = tf.cast(tf.tile(tf.shape(images)[None, 1:3], tf.stack([n, 1])), tf.float32)
+        checks = [
+            tf.debugging.assert_equal(tf.shape(boxes)[0], n, message=REQUEST_ERRORS["boxes_rows"]),
+            tf.debugging.assert_all_finite(boxes, REQUEST_ERRORS["boxes_finite"]),
+        ]
+        k = self.num_keypoints
+        empty = {"keypoints": tf.zeros([0, k, 2]), "scores": tf.zeros([0, k])}
+        with tf.control_dependencies(checks):
+            return tf.cond(n > 0, lambda: self._serve_batch(images, boxes), lambda: empty)
+
+    def _serve_batch(self, images: tf.Tensor, boxes: tf.Tensor) -> dict[str, tf.Tensor]:
+        n = tf.shape(images)[0]
+        size = tf.debugging.assert_positive(
+            tf.shape(images)[1:3], message=REQUEST_ERRORS["image_size"]
+        )
+        with tf.control_dependencies([size]):
+            hw = tf.cast(tf.tile(tf.shape(images)[None, 1:3], tf.stack([n, 1])), tf.float32)
         matrices = self.codec.crop_matrices(boxes, hw)
         crops = sample_crops(images, matrices, self.input_size)
         out = self.crops(tf.cast(crops, tf.float32))  # one traced forward for all signatures

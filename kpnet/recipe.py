@@ -272,7 +272,7 @@ class TrainSection(_Strict):
     precision: Literal["float32", "mixed_float16", "mixed_bfloat16"] = "float32"
     distribute: Literal["auto", "one_device", "mirrored", "multi_worker"] = "auto"
     seed: int = 0
-    steps_per_epoch: int | None = Field(None, ge=1)  # cap; default: one pass over the data
+    steps_per_epoch: int | None = Field(None, ge=1)  # null: one pass; N: N steps (small data)
     validation_steps: int | None = Field(None, ge=1)
     freeze_backbone_epochs: int = Field(0, ge=0)  # skipped when nothing is pretrained
     unfreeze_lr_factor: float = Field(1.0, gt=0.0)
@@ -346,11 +346,19 @@ class Recipe(_Strict):
             raise RecipeError("\n".join(missing))
 
     def save(self, path: str | Path) -> Path:
-        """Write the resolved recipe (absolute paths, every default filled in) as YAML."""
+        """Write the resolved recipe (absolute paths, every default filled in) as YAML.
+
+        Atomic: written to a temporary file beside ``path``, then renamed over it.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         data = self.model_dump(mode="json")
-        path.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
 

@@ -168,7 +168,7 @@ class Predictor:
         self._sample = _sampler()
 
     def crops(self, image: np.ndarray, boxes: np.ndarray | None = None):
-        """(uint8 crops [n, H, W, 3], matrices [n, 2, 3]) of one RGB image's boxes [n, 4]
+        """(float32 crops [n, H, W, 3], matrices [n, 2, 3]) of one RGB image's boxes [n, 4]
         (x, y, w, h); None, or a box with w <= 0 or h <= 0, is the whole image."""
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[-1] != 3:

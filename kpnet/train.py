@@ -23,7 +23,11 @@ task, else worker 0) writes the output folder; every other worker writes
 
 Resuming: the backup is written atomically after every epoch (and every
 ``train.backup_every_steps``), so a process killed at any point (even ``kill -9``) loses at
-most the epoch it was in.
+most the epoch it was in. Nothing is written into the output folder before the recipe, the
+data and the batch size are validated and the recipe is compared with the run already there
+(:func:`check_run_folder`: a run of another model or data is refused, see
+:data:`LOCKED_KEYS`); every output file is written atomically, and NaN/inf weights or
+validation errors stop fit before ``metrics.json`` / ``keypoints.keras`` are written.
 
 Precision: ``mixed_float16`` trains with a dynamic ``LossScaleOptimizer``;
 ``mixed_bfloat16`` needs no loss scaling. The model's heads and the losses stay float32.
@@ -506,6 +510,171 @@ def _evaluator(recipe: Recipe, spec: KeypointSpec, records, config):
     return evaluate
 
 
+# --------------------------------------------------------------------------- run folder
+class RunFolderError(TrainingError):
+    """The output folder holds a run this recipe cannot resume (another model or data)."""
+
+
+#: Recipe keys that define the model, its data or its codec (a dotted prefix covers every key
+#: under it): a run folder resumes only with the same values. Every other key may change on
+#: resume; see :func:`fit`.
+LOCKED_KEYS: tuple[str, ...] = (
+    "data", "model", "loss.global_sigmas", "loss.refine_sigma", "evaluation.decode",
+    "evaluation.flip_test", "evaluation.max_peaks", "evaluation.threshold",
+    "evaluation.min_distance", "train.batch_size", "train.steps_per_epoch",
+)  # fmt: skip
+_FREE_KEYS = ("data.on_error",)  # under a locked prefix, yet free to change
+#: Files whose presence means the folder holds a trained run, not only a failed start.
+_TRAINED = ("backup/training_metadata.json", "last.keras", "best.keras", "keypoints.keras",
+            "metrics.json")  # fmt: skip
+
+
+def _locked(key: str) -> bool:
+    def under(prefixes: Sequence[str]) -> bool:
+        return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+    return under(LOCKED_KEYS) and not under(_FREE_KEYS)
+
+
+def _differences(old: Any, new: Any, key: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of the leaves that differ; keys that only one side
+    has are skipped (a key added to or removed from the recipe schema is not a setting)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for name in old:
+            if name in new:
+                found += _differences(old[name], new[name], f"{key}.{name}" if key else name)
+        return found
+    return [] if old == new else [(key, old, new)]
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _read_run_file(out: Path, name: str) -> Any:
+    """The parsed ``out/name`` (YAML or JSON), None when absent; RunFolderError if unreadable."""
+    import yaml
+
+    path = out / name
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text())  # JSON is YAML
+        if not isinstance(data, dict):
+            raise ValueError("not a mapping")
+        return data
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RunFolderError(
+            f"{path} cannot be read ({reason}), so {out} cannot be resumed: use a new output "
+            f"folder (-o) or delete {out} to start over"
+        ) from None
+
+
+def check_run_folder(recipe: Recipe, out: str | Path, spec: KeypointSpec | None = None) -> None:
+    """Refuse (:class:`RunFolderError`, one line) to resume a run made with another model or data.
+
+    Without ``spec``: compares the recipe's :data:`LOCKED_KEYS` with ``recipe.resolved.yaml``;
+    with ``spec`` (after loading the data): compares the spec and the recipe's codec with
+    ``spec.json`` and ``codec.json``. A folder without a trained run passes (a fresh start).
+    Writes nothing.
+    """
+    out = Path(out)
+    if not any((out / name).exists() for name in _TRAINED):
+        return
+    changed: list[tuple[str, Any, Any]] = []  # keys free to change that did
+    if spec is None:
+        old = _read_run_file(out, "recipe.resolved.yaml")
+        new = _as_json(recipe.model_dump(mode="json"))
+        diffs = _differences(old, new) if old is not None else []
+        found = [d for d in diffs if _locked(d[0])]
+        changed = [d for d in diffs if not _locked(d[0])]
+    else:
+        found = []
+        for name, new in (("spec.json", spec.to_dict()), ("codec.json", recipe.codec().to_dict())):
+            old = _read_run_file(out, name)
+            if old is not None:
+                found += [(f"{name}: {k}", o, n) for k, o, n in _differences(old, _as_json(new))]
+    if found:
+        key, old, new = found[0]
+        more = f" (and {len(found) - 1} more: {', '.join(d[0] for d in found[1:4])})"
+        raise RunFolderError(
+            f"{out} holds a run with other settings: {key} is {_short(old)} there but "
+            f"{_short(new)} now{more if len(found) > 1 else ''}; a run resumes only with the "
+            "same model, data, codec and batch size: use a new output folder (-o) or delete "
+            f"{out} to start over"
+        )
+    if changed:
+        shown = ", ".join(f"{k} {_short(o, 24)} -> {_short(n, 24)}" for k, o, n in changed[:6])
+        note = " ..." if len(changed) > 6 else ""
+        if {"train.optimizer", "train.precision"} & {d[0] for d in changed}:
+            note += (
+                "; the optimizer state (moments, step count) is not restored for another "
+                "optimizer or precision, so the learning-rate schedule restarts"
+            )
+        _log(f"{out}: changed since its last run: {shown}{note}")
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _save_model_atomic(model: keras.Model, path: Path) -> None:
+    """``model.save(path)`` via a temporary ``.keras`` file beside it (Keras wants the suffix)."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_run_files(recipe: Recipe, out: Path, spec: KeypointSpec) -> None:
+    """``recipe.resolved.yaml``, ``spec.json`` and ``codec.json``, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    recipe.save(out / "recipe.resolved.yaml")
+    _write_atomic(out / "spec.json", json.dumps(spec.to_dict(), indent=2))
+    _write_atomic(out / "codec.json", json.dumps(recipe.codec().to_dict(), indent=2))
+
+
+def nonfinite_weights(path: str | Path) -> list[str]:
+    """Names of the float variables of a ``.keras`` file holding NaN or inf (optimizer included).
+
+    Reads the weights file inside the archive with h5py; builds no model.
+    """
+    import io
+    import zipfile
+
+    import h5py
+
+    bad: list[str] = []
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and obj.dtype.kind == "f":
+            if not np.isfinite(obj[()]).all():
+                bad.append(name)
+
+    with zipfile.ZipFile(path) as archive:
+        if "model.weights.h5" not in archive.namelist():
+            return bad
+        data = io.BytesIO(archive.read("model.weights.h5"))
+    with h5py.File(data, "r") as weights:
+        weights.visititems(visit)
+    return bad
+
+
 # --------------------------------------------------------------------------- fit
 @dataclass
 class _Run:
@@ -530,7 +699,9 @@ def fit(recipe: Recipe, output_dir: str | Path) -> dict[str, Any]:
 
     Raises:
         RecipeError: bad recipe or missing files. DataError / SpecError: bad data.
-        TrainingError: the loss became NaN / inf (the last good checkpoints are kept).
+        TrainingError: the loss, the weights or the validation errors became NaN / inf (the
+            last good checkpoints are kept).
+        RunFolderError: ``output_dir`` holds a run of another model or data (nothing written).
     """
     recipe.check_files()
     previous_policy = keras.mixed_precision.global_policy()
@@ -547,32 +718,33 @@ def _fit(recipe: Recipe, out: Path, strategy: tf.distribute.Strategy) -> dict[st
     chief = _is_chief(strategy)
     if not chief:  # every worker saves (saving may sync variables); only the chief's count
         out = out / ".workers" / f"worker-{strategy.cluster_resolver.task_id}"
-    out.mkdir(parents=True, exist_ok=True)
-    recipe.save(out / "recipe.resolved.yaml")
-    spec, train, val = load_data(recipe)
-    if not train:
-        raise recipe.error("data", "no training records (check the data paths and split)")
-    (out / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
-    (out / "codec.json").write_text(json.dumps(recipe.codec().to_dict(), indent=2))
-    config = pipeline_config(recipe)
+    # Validate everything and compare with the run already in `out` BEFORE writing there.
     t = recipe.train
     replicas = strategy.num_replicas_in_sync
     if t.batch_size % replicas:
         raise recipe.error(
             "train.batch_size", f"{t.batch_size} does not divide over {replicas} replicas"
         )
-    steps = max(1, len(train) // t.batch_size)
-    steps = min(steps, t.steps_per_epoch or steps)
+    check_run_folder(recipe, out)  # cheap: before loading the data
+    spec, train, val = load_data(recipe)
+    if not train:
+        raise recipe.error("data", "no training records (check the data paths and split)")
+    check_run_folder(recipe, out, spec)  # the data's keypoint spec and the codec
+    config = pipeline_config(recipe)
+    steps = t.steps_per_epoch or max(1, len(train) // t.batch_size)  # may exceed one pass
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     train_ds, val_ds = _datasets(recipe, spec, train, val, config,
                                  strategy if multi_worker else None)  # fmt: skip
     evaluate = None if multi_worker else _evaluator(recipe, spec, val, config)
+    from kpnet.runner import crop_source
+
     monitor = "val_px_mean" if evaluate else ("val_loss" if val else "loss")
     run = _Run(recipe, out, spec, steps, val_ds, evaluate, monitor, NaNGuard(), train)
     _log(
         f"{len(train)} training / {len(val)} validation instances, {spec.num_keypoints} "
         f"keypoints in {spec.num_channels} channels; {replicas} replica(s), global batch "
         f"{t.batch_size}, {steps} steps per epoch, precision {t.precision}"
+        + (f"; validation crops: {crop_source(config.codec)}" if val else "")
         + (
             f"; each worker reads its 1/{_num_workers(strategy)} of the training images"
             if multi_worker
@@ -585,9 +757,10 @@ def _fit(recipe: Recipe, out: Path, strategy: tf.distribute.Strategy) -> dict[st
     if initial >= t.epochs:
         _log(f"{out} already holds {initial} trained epochs (train.epochs={t.epochs})")
     else:
-        _prepare_history(out, initial)
         with strategy.scope():
             model = build_model(recipe, spec, init=backup is None)
+            _write_run_files(recipe, out, spec)  # every check passed: the folder changes now
+            _prepare_history(out, initial)
             _train_phases(run, model, train_ds, backup, initial)
     seconds = time.time() - start
     result = {"output_dir": str(out), "initial_epoch": initial, "epochs": t.epochs}
@@ -652,7 +825,13 @@ def _restore(model, run: _Run, phases: list[Phase], backup: dict, names: set[str
     configure_phase(model, run.recipe, run.spec, phase, run.steps_per_epoch, names)
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
-    model.load_weights(backup["weights"])
+    try:
+        model.load_weights(backup["weights"])
+    except ValueError as err:  # e.g. a backup of another input size or keypoint count
+        raise RunFolderError(
+            f"{run.out / 'backup'} does not fit this model ({str(err).splitlines()[0][:200]}); "
+            f"use a new output folder (-o) or delete {run.out} to start over"
+        ) from None
     _log(f"resuming from {run.out / 'backup'} after epoch {backup['epoch']}")
     return phase
 
@@ -680,8 +859,13 @@ def _callbacks(run: _Run, phase: Phase) -> list[keras.callbacks.Callback]:
 
 
 def _precise_bn(run: _Run) -> keras.callbacks.Callback | None:
-    """Precise BN (``train.precise_bn_batches``) over the training images in the inference
-    geometry (no augmentation), at most one pass over them per epoch; None when off."""
+    """Precise BN (``train.precise_bn_batches``) over training crops, at most one pass over
+    the training images per epoch; None when off.
+
+    The crops are augmented as in training: the layers after each BN learned features
+    normalised with statistics of augmented crops. On a DLC project, statistics of
+    un-augmented crops (inference geometry) gave 2-2.6x the validation error of these.
+    """
     from kpnet.batchnorm import PreciseBN
     from kpnet.data.pipeline import build_dataset
 
@@ -697,8 +881,8 @@ def _precise_bn(run: _Run) -> keras.callbacks.Callback | None:
 
     def dataset() -> tf.data.Dataset:
         return build_dataset(
-            records, run.spec, config, t.batch_size, training=False, shuffle=True,
-            repeat=True, seed=t.seed, on_error=run.recipe.data.on_error, drop_remainder=True,
+            records, run.spec, config, t.batch_size, training=True, shuffle=True,
+            repeat=True, seed=t.seed + 1, on_error=run.recipe.data.on_error, drop_remainder=True,
         ).map(lambda images, keypoints: images)  # fmt: skip
 
     return PreciseBN(dataset, batches)
@@ -777,7 +961,12 @@ def _plot_curves(out: Path) -> Path | None:
     axes[0].set_title("loss")
     axes[1].set_title("validation pixel error (image px)")
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
+    tmp = out / f".curves.png.{os.getpid()}.tmp"
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, out / "curves.png")
+    finally:
+        tmp.unlink(missing_ok=True)
     plt.close(fig)
     return out / "curves.png"
 
@@ -791,26 +980,68 @@ def _num(row: dict[str, str], key: str) -> bool:
 
 # --------------------------------------------------------------------------- finalize
 def _finalize(run: _Run, val: list[InstanceRecord]) -> dict[str, Any]:
+    """Curves, then (all finite) ``metrics.json`` and ``keypoints.keras``, each atomically."""
     out = run.out
-    _plot_curves(out)
     best = out / "best.keras" if (out / "best.keras").exists() else out / "last.keras"
     result: dict[str, Any] = {"best_model": str(best) if best.exists() else None}
+    if best.exists():
+        _check_finite_weights(run, best)  # before anything is written
+    _plot_curves(out)
     if not best.exists():
         return result
     register_keras_objects()  # a finished run re-run in a new process has built no model
     model = keras.saving.load_model(best, safe_mode=True)
     metrics = _final_metrics(run, model, val)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    _check_finite_metrics(run, best, metrics)
     result["metrics"] = metrics
+    kp_model = None
     if run.recipe.export.keypoints_model or run.recipe.export.saved_model:
         kp_model = _keypoints_model(model, run.recipe, run.spec)
-        kp_model.save(out / "keypoints.keras")
+        _save_model_atomic(kp_model, out / "keypoints.keras")
         result["keypoints_model"] = str(out / "keypoints.keras")
-        if run.recipe.export.saved_model:
-            from kpnet.export import export_saved_model
+    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    if kp_model is not None and run.recipe.export.saved_model:
+        from kpnet.export import export_saved_model
 
-            export_saved_model(kp_model, out / "saved_model", run.spec)
+        export_saved_model(kp_model, out / "saved_model", run.spec)  # atomic itself
     return result
+
+
+def _check_finite_weights(run: _Run, best: Path) -> None:
+    """TrainingError when best.keras or last.keras holds NaN / inf weights."""
+    checked = dict.fromkeys([best, run.out / "last.keras"])
+    bad = {path: nonfinite_weights(path) for path in checked if path.is_file()}
+    poisoned = [path for path, names in bad.items() if names]
+    if not poisoned:
+        return
+    path, names = poisoned[0], bad[poisoned[0]]
+    finite = [p.name for p in bad if p not in poisoned]
+    kept = f"; {', '.join(finite)} is finite" if finite else ""
+    raise TrainingError(
+        f"the weights became NaN/inf: {path} holds {len(names)} non-finite variable(s) "
+        f"(e.g. {names[0]}){kept}; {', '.join(_FINAL_FILES)} were not written. Lower "
+        "train.lr, set train.clipnorm or use precision float32, and train again in a new "
+        "output folder (-o)"
+    )
+
+
+def _check_finite_metrics(run: _Run, best: Path, metrics: dict) -> None:
+    """TrainingError when the validation pixel errors of ``best`` are NaN / inf."""
+    overall = metrics.get("overall") or {}
+    bad = [
+        k for k in ("mean", "median", "p90")
+        if overall.get(k) is not None and not math.isfinite(float(overall[k]))
+    ]  # fmt: skip
+    if bad:
+        raise TrainingError(
+            f"the validation pixel error of {best} is {overall[bad[0]]} ({bad[0]}): the model "
+            f"predicts NaN/inf; {', '.join(_FINAL_FILES)} were not written. Lower train.lr, "
+            "set train.clipnorm or use precision float32, and train again in a new output "
+            "folder (-o)"
+        )
+
+
+_FINAL_FILES = ("metrics.json", "keypoints.keras")
 
 
 def _final_metrics(run: _Run, model: keras.Model, val: list[InstanceRecord]) -> dict:
@@ -830,18 +1061,22 @@ def _final_metrics(run: _Run, model: keras.Model, val: list[InstanceRecord]) -> 
 
 
 __all__ = [
+    "LOCKED_KEYS",
     "EpochSchedule",
     "MultiWorkerStrategy",
     "Phase",
+    "RunFolderError",
     "TrainingError",
     "backbone_layer_names",
     "build_model",
+    "check_run_folder",
     "configure_phase",
     "fit",
     "load_data",
     "load_training",
     "load_validation",
     "make_strategy",
+    "nonfinite_weights",
     "pipeline_config",
     "split_by_image",
     "training_phases",

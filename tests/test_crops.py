@@ -50,6 +50,6 @@ def test_one_image_many_crops_and_fill_outside():
     codec = Codec((32, 32))
     m = np.asarray(codec.crop_matrices([[0, 0, 0, 0], [50, 30, 40, 40]], [[40, 60]] * 2))
     crops = np.asarray(sample_crops(image[None], m, (32, 32), image_index=[0, 0]))
-    assert crops.shape == (2, 32, 32, 3) and crops.dtype == np.uint8
+    assert crops.shape == (2, 32, 32, 3) and crops.dtype == np.float32
     assert crops[0, 16, 16, 0] == 200 and crops[0, 0, 16, 0] == 0  # letterbox rows are fill
     assert crops[1, -1, -1, 0] == 0  # the box reaches past the image corner

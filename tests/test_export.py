@@ -221,3 +221,60 @@ def test_exif_rotated_jpeg_same_keypoints_in_validation_predict_and_saved_model(
     np.testing.assert_allclose(p, v, atol=1e-3)
     np.testing.assert_allclose(served, v, atol=0.01)
     assert (v[:, 1] < 210).all()  # inside the stored 155x210 grid, not a rotated one
+
+
+# --------------------------------------------------------------------------- bad requests
+BAD_REQUESTS = [  # (name, images shape, boxes, message fragment)
+    ("more boxes than images", (2, 50, 60), np.zeros((3, 4)), "one row per image"),
+    ("one box for two images", (2, 50, 60), np.zeros((1, 4)), "one row per image"),
+    ("boxes for an empty batch", (0, 50, 60), np.zeros((1, 4)), "one row per image"),
+    ("NaN box", (2, 50, 60), [[np.nan, 0, 10, 10], [0, 0, 10, 10]], "boxes must be finite"),
+    ("inf box", (2, 50, 60), [[0, 0, 10, 10], [0, 0, np.inf, 10]], "boxes must be finite"),
+    ("0x0 image", (1, 0, 0), np.zeros((1, 4)), "at least 1x1 pixels"),
+    ("0-wide image", (1, 40, 0), [[0, 0, 10, 10]], "at least 1x1 pixels"),
+]
+
+
+def _request(images_shape, boxes):
+    images = tf.zeros([*images_shape, 3], tf.uint8)
+    return images, tf.constant(np.asarray(boxes, np.float32).reshape(-1, 4))
+
+
+@pytest.fixture(scope="module")
+def flip_test_module(tiny_run):
+    """The serving module of the tiny CPN with flip test (BatchNorm + flipped batch)."""
+    from kpnet.export import KeypointServingModule
+    from kpnet.inference import load_model
+
+    return KeypointServingModule(load_model(tiny_run, flip_test=True), SPEC)
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_bad_requests_fail_with_a_message_naming_the_input(flip_test_module, case):
+    _, shape, boxes, message = case
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
+        flip_test_module.serving_default(*_request(shape, boxes))
+
+
+def test_empty_batch_returns_empty_outputs(flip_test_module):
+    k = SPEC.num_keypoints
+    for out in (
+        flip_test_module.serving_default(*_request((0, 50, 60), np.zeros((0, 4)))),
+        flip_test_module.whole_image(tf.zeros([0, 0, 0, 3], tf.uint8)),
+    ):
+        assert out["keypoints"].shape == (0, k, 2) and out["scores"].shape == (0, k)
+
+
+def test_saved_model_keeps_the_request_checks(tmp_path):
+    """The checks are in the exported graph: a TF Serving client gets the same messages."""
+    path = export_saved_model(_blob_keypoints_model(), tmp_path / "sm" / "1")
+    serve = tf.saved_model.load(str(path)).signatures["serving_default"]
+    image = np.zeros((2, 50, 60, 3), np.uint8)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="one row per image"):
+        serve(images=tf.constant(image), boxes=tf.zeros([1, 4]))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="boxes must be finite"):
+        serve(images=tf.constant(image), boxes=tf.constant([[0, 0, np.nan, 1], [0, 0, 1, 1]]))
+    empty = serve(images=tf.zeros([0, 50, 60, 3], tf.uint8), boxes=tf.zeros([0, 4]))
+    assert empty["keypoints"].shape == (0, SPEC.num_keypoints, 2)
+    good = serve(images=tf.constant(image), boxes=tf.zeros([2, 4]))
+    assert np.isfinite(good["keypoints"].numpy()).all()

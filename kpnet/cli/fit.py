@@ -3,6 +3,35 @@
 Example:
     $ kpnet fit recipes/quickstart.yaml
     $ kpnet fit recipes/dlc-project.yaml -o runs/mouse --set data.dlc.project=~/mouse-dlc
+
+The output folder is validated before anything is written into it: the recipe, the data,
+the keypoint spec and the batch size (against the replicas) are checked first, so a failing
+command leaves the folder as it was. Every file is written atomically (a temporary file
+renamed over the old one).
+
+Resuming: when the folder already holds a trained run (a backup, ``last.keras``,
+``best.keras``, ``keypoints.keras`` or ``metrics.json``), the recipe is compared with its
+``recipe.resolved.yaml``, ``spec.json`` and ``codec.json`` first. Keys that define the model
+or its data (:data:`kpnet.train.LOCKED_KEYS`) must be the same: every ``data.*`` key but
+``data.on_error`` (source, paths, spec, crop mode, padding), every ``model.*`` key (backbone,
+weights, input size, pyramid channels, init_from, bn_momentum), the codec's sigmas and
+decoding (``loss.global_sigmas``, ``loss.refine_sigma``, ``evaluation.decode`` /
+``flip_test`` / ``max_peaks`` / ``threshold`` / ``min_distance``), and ``train.batch_size``
+and ``train.steps_per_epoch`` (the learning-rate schedule and the backup count optimizer
+steps). Otherwise the command stops with one line naming the first difference: use a new
+output folder (``-o``) or delete the old one to start over. Everything else may change on
+resume: ``train.epochs`` (more epochs extend the run; fewer only re-finalize it), the
+optimizer, learning rate and schedule, ``clipnorm``, precision, ``distribute``,
+``validation_every`` / ``validation_steps``, ``backup_every_steps``, ``precise_bn_batches``,
+``verbose``, ``augment.*``, the loss weights and hard mining, ``evaluation.pck_thresholds`` /
+``batch_size``, ``export.*`` and ``data.on_error``. A folder whose earlier run stopped before
+its first backup holds nothing to resume and starts over with any settings. A resume logs
+the settings that changed; with another optimizer or precision Keras cannot restore the
+optimizer state (moments, step count), so the learning-rate schedule restarts.
+
+A run never reports NaN as a success: when best.keras or last.keras holds NaN/inf weights,
+or the validation errors are not finite, the command fails without writing ``metrics.json``
+or ``keypoints.keras``.
 """
 
 from __future__ import annotations
@@ -37,17 +66,30 @@ def fit(recipe: str, output: str | None, overrides: tuple[str, ...]) -> None:
 
     try:
         loaded = load_recipe(recipe, overrides, check_files=True)
+        _check_weights(loaded)  # before loading any data
         out = Path(output) if output else Path("runs") / Path(recipe).stem
-        from kpnet.train import TrainingError
+        from kpnet.train import RunFolderError, TrainingError
         from kpnet.train import fit as run_fit
 
         try:
             result = run_fit(loaded, out)
+        except RunFolderError as err:  # nothing was trained or written
+            raise FitError(str(err)) from None
         except TrainingError as err:
             raise FitError(f"training stopped: {err}") from None
     except (RecipeError, DataError, SpecError) as err:
         raise FitError(str(err)) from None
     click.echo(_summary(result))
+
+
+def _check_weights(recipe) -> None:
+    """Fail fast, naming the key, when the backbone weights cannot be found."""
+    from kpnet.models.backbones import BackboneWeightsError, resolve_weights
+
+    try:
+        resolve_weights(recipe.model.backbone, recipe.model.backbone_weights)
+    except BackboneWeightsError as err:
+        raise recipe.error("model.backbone_weights", str(err)) from None
 
 
 def _summary(result: dict) -> str:

@@ -519,7 +519,8 @@ def build_dataset(
         drop_remainder: drop a last partial batch (default: ``training``).
 
     Returns:
-        ``(images uint8 [B,H,W,3], keypoints float32 [B,K,3])``, plus ``meta`` if asked.
+        ``(images [B,H,W,3], keypoints float32 [B,K,3])``, plus ``meta`` if asked; images
+        are uint8 when training, float32 (0..255, :func:`kpnet.crops.sample_crops`) else.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error: {on_error!r} is not 'raise' or 'skip'")

@@ -33,6 +33,8 @@ RESNET_TAPS: dict[str, tuple[str, ...]] = {
     ),
 }
 TINY_WIDTHS: tuple[int, ...] = (16, 32, 64, 128)
+#: BatchNorm moving-average momentum of kpnet models (Keras' default 0.99 lags on small data).
+DEFAULT_BN_MOMENTUM = 0.9
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
 
 
@@ -94,6 +96,30 @@ def build_backbone(name: str, input_tensor, weights: str | None = None) -> list:
     if name == "tiny":
         return _tiny(input_tensor, weights)
     return _resnet(name, input_tensor, weights)
+
+
+def set_bn_momentum(model: keras.Layer, momentum: float) -> int:
+    """Set the momentum of every BatchNormalization layer (nested ones too); returns how many.
+
+    Keras updates ``moving = momentum * moving + (1 - momentum) * batch``: its default 0.99
+    averages over about 100 steps, several epochs of a small data set.
+
+    Example:
+        >>> inputs = keras.Input((4,))
+        >>> model = keras.Model(inputs, layers.BatchNormalization()(inputs))
+        >>> set_bn_momentum(model, 0.9), model.layers[1].momentum
+        (1, 0.9)
+    """
+    if not 0.0 < float(momentum) < 1.0:
+        raise ValueError(f"BatchNorm momentum must be in (0, 1), got {momentum}")
+    found = [
+        layer
+        for layer in model._flatten_layers(include_self=True, recursive=True)
+        if isinstance(layer, layers.BatchNormalization)
+    ]
+    for layer in found:
+        layer.momentum = float(momentum)
+    return len(found)
 
 
 # --------------------------------------------------------------------------- weights

@@ -23,7 +23,7 @@ import keras
 from keras import layers
 
 from kpnet.codec import OUTPUT_NAMES
-from kpnet.models.backbones import build_backbone
+from kpnet.models.backbones import DEFAULT_BN_MOMENTUM, build_backbone, set_bn_momentum
 
 LEVELS: tuple[int, ...] = (2, 3, 4, 5)  # pyramid levels, finest (stride 4) first
 OUTPUT_STRIDE = 4
@@ -39,6 +39,7 @@ def build_cpn(
     backbone_weights: str | None = None,
     pyramid_channels: int = 256,
     name: str = "cpn",
+    bn_momentum: float = DEFAULT_BN_MOMENTUM,
 ) -> keras.Model:
     """Build a CPN heatmap model.
 
@@ -49,6 +50,8 @@ def build_cpn(
         backbone_weights: None, ``"imagenet"`` or a local ``.h5``/``.weights.h5`` file.
         pyramid_channels: GlobalNet/RefineNet width (256 in the paper; smaller for tiny models).
         name: model name.
+        bn_momentum: moving-average momentum of every BatchNormalization layer, trunk
+            (keras.applications ResNets included) and heads.
 
     Returns:
         A ``keras.Model`` taking RGB 0..255 images [B, H, W, 3] and returning a dict of float32
@@ -73,7 +76,9 @@ def build_cpn(
         out: layers.Activation("linear", dtype="float32", name=out)(t)
         for out, t in zip(OUTPUT_NAMES, heads, strict=True)
     }
-    return keras.Model(images, outputs, name=name)
+    model = keras.Model(images, outputs, name=name)
+    set_bn_momentum(model, bn_momentum)
+    return model
 
 
 # --------------------------------------------------------------------------- GlobalNet
