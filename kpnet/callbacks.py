@@ -155,11 +155,14 @@ class KeypointMetrics(keras.callbacks.Callback):
         if logs is None or self.guard.triggered or not _finite(logs):
             return
         if (epoch + 1) % self.every and epoch != self.last_epoch:
-            return
-        overall = self.evaluate(self.model)["overall"]
+            # NaN placeholders: CSVLogger fixes its columns at the first epoch
+            overall = {}
+        else:
+            overall = self.evaluate(self.model)["overall"]
         for key in self.keys:
+            name = key.replace("@", "_")
+            log_key = f"val_px_{name}" if key in ("mean", "median", "p90") else f"val_{name}"
             if overall.get(key) is not None:
-                name = key.replace("@", "_")
-                logs[f"val_px_{name}" if key in ("mean", "median", "p90") else f"val_{name}"] = (
-                    float(overall[key])
-                )
+                logs[log_key] = float(overall[key])
+            elif not overall:
+                logs[log_key] = float("nan")
