@@ -266,6 +266,28 @@ def test_bn_momentum_reaches_every_batchnorm_layer():
     assert load_recipe(QUICKSTART).train.precise_bn_batches == 16
 
 
+def test_fit_adds_precise_bn_after_the_nan_guard(tmp_path):
+    import kpnet.train as kt
+    from kpnet.callbacks import NaNGuard
+
+    base = [f"data.synthetic_pins.cache_dir={tmp_path / 'pins'}",
+            "data.synthetic_pins.num_train=20", "data.synthetic_pins.num_val=2",
+            "data.synthetic_pins.image_size=[64,64]", "model.input_size=[64,64]",
+            "train.batch_size=8"]  # fmt: skip
+    recipe = load_recipe(QUICKSTART, base)
+    spec, train, _ = kt.load_data(recipe)
+    phase = training_phases(recipe)[0]
+    run = kt._Run(recipe, tmp_path, spec, 2, None, None, "loss", NaNGuard(), train)
+    callbacks = kt._callbacks(run, phase)
+    assert isinstance(callbacks[0], NaNGuard) and isinstance(callbacks[1], PreciseBN)
+    assert callbacks[1].num_batches == 3  # at most one pass over the 20 training images
+    images = next(iter(callbacks[1].dataset_fn()))
+    assert images.shape == (8, 64, 64, 3) and images.dtype == tf.uint8  # images only
+    off = kt._Run(load_recipe(QUICKSTART, [*base, "train.precise_bn_batches=0"]), tmp_path,
+                  spec, 2, None, None, "loss", NaNGuard(), train)  # fmt: skip
+    assert not any(isinstance(cb, PreciseBN) for cb in kt._callbacks(off, phase))
+
+
 def test_freeze_only_a_pretrained_backbone(tmp_path, capsys):
     frozen = ["train.freeze_backbone_epochs=3", "train.epochs=10"]
     phases = training_phases(load_recipe(QUICKSTART, frozen))  # backbone_weights: null

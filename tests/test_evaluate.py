@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -308,13 +306,13 @@ def test_evaluate_model_through_the_pipeline(dot_data):
 
 
 def test_cli_model_mode(dot_data, tmp_path, monkeypatch):
+    import kpnet.data.sources
     import kpnet.inference
     import kpnet.recipe
     from kpnet.cli import main
 
-    train = types.ModuleType("kpnet.train")  # the recipe -> validation data step, faked
-    train.load_validation = lambda recipe, detections=False: dot_data
-    monkeypatch.setitem(sys.modules, "kpnet.train", train)
+    fake = lambda recipe, detections=False: dot_data  # noqa: E731 (recipe -> validation data)
+    monkeypatch.setattr(kpnet.data.sources, "load_validation", fake)
     seen = {}
     monkeypatch.setattr(kpnet.recipe, "load_recipe", lambda p, o: seen.update(recipe=(p, o)))
     monkeypatch.setattr(kpnet.inference, "load_model", lambda p, spec, **kw: ColourPeakModel(1))

@@ -137,7 +137,7 @@ def _load(model_path, recipe_path, overrides, flip_test, detections: bool = Fals
     """
     from kpnet.inference import load_model
     from kpnet.recipe import RecipeError, load_recipe
-    from kpnet.train import load_validation
+    from kpnet.data.sources import load_validation
 
     if recipe_path is None:
         folder = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent

@@ -1,0 +1,158 @@
+"""Training data of a recipe: loading each source, splitting, and the pipeline config.
+
+``kpnet fit`` trains on :func:`load_training`'s records, validates on
+:func:`load_validation`'s, and ``kpnet evaluate MODEL RECIPE`` scores the same validation
+records.
+
+Example:
+    >>> from kpnet.recipe import load_recipe
+    >>> spec, train, val = load_data(load_recipe("recipes/quickstart.yaml"))  # doctest: +SKIP
+    >>> len(train), len(val)                                                   # doctest: +SKIP
+    (512, 64)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from kpnet.data.records import InstanceRecord
+from kpnet.recipe import Recipe
+from kpnet.spec import KeypointSpec
+
+
+def pipeline_config(recipe: Recipe):
+    """The :class:`kpnet.data.pipeline.PipelineConfig` of a recipe."""
+    from kpnet.data.augment import AugmentConfig
+    from kpnet.data.pipeline import PipelineConfig
+
+    a = recipe.augment
+    try:
+        augment = AugmentConfig(
+            scale=a.scale,
+            rotation=a.rotation,
+            rotation_prob=a.rotation_prob,
+            flip=a.flip,
+            half_body_prob=a.half_body_prob,
+            brightness=a.brightness,
+            contrast=a.contrast,
+            saturation=a.saturation,
+            hue=a.hue,
+            photometric=tuple(a.photometric),
+        )
+    except (ValueError, TypeError, AttributeError) as err:
+        raise recipe.error("augment", str(err)) from None
+    return PipelineConfig(codec=recipe.codec(), augment=augment)
+
+
+def load_data(
+    recipe: Recipe, detections: bool = False
+) -> tuple[KeypointSpec, list[InstanceRecord], list[InstanceRecord]]:
+    """(spec, train records, validation records) of a recipe's data section.
+
+    ``detections``: use ``data.coco.val_boxes`` (detector boxes) for the validation records.
+    """
+    data = recipe.data
+    spec = data.keypoint_spec()
+    if data.source == "coco":
+        return _load_coco(data.coco, spec, data.on_error, detections)
+    if data.source == "dlc":
+        from kpnet.data.dlc import default_val_fraction, load_dlc_records, split_dlc
+        from kpnet.data.records import DataError
+
+        d = data.dlc
+        dlc_spec, records = load_dlc_records(d.project, d.box, d.margin, data.on_error)
+        _check_spec(recipe, spec, dlc_spec)
+        fraction = d.val_fraction
+        if fraction is None:  # not set: 1 - config.yaml's TrainingFraction, else 0.2
+            fraction = default_val_fraction(d.project)
+        try:
+            train, val = split_dlc(records, fraction, d.val_frames, d.val_last, d.split_seed)
+        except DataError as err:
+            raise recipe.error("data.dlc", str(err)) from None
+        return spec or dlc_spec, train, val
+    return _load_synthetic(data.synthetic_pins, spec, data.on_error)
+
+
+def _load_coco(c, spec, on_error: str, detections: bool):
+    from kpnet.data.coco import load_coco_records
+
+    spec, train = load_coco_records(
+        c.train_annotations, c.train_images, spec=spec, on_error=on_error,
+        allow_outside_root=c.allow_outside_root,
+    )  # fmt: skip
+    if c.val_annotations is None:
+        return (spec, *split_by_image(train, c.val_fraction, c.split_seed))
+    boxes = c.val_boxes if detections else None
+    _, val = load_coco_records(
+        c.val_annotations,
+        c.val_images or c.train_images,
+        spec=spec,
+        boxes_file=boxes,
+        score_threshold=c.score_threshold,
+        on_error=on_error,
+        allow_outside_root=c.allow_outside_root,
+    )
+    return spec, list(train), list(val)
+
+
+def _load_synthetic(s, spec, on_error: str):
+    from kpnet.data.coco import load_coco_records
+    from kpnet.data.synthetic import ensure_synthetic_pins, pin_spec
+
+    spec = spec or pin_spec(s.single_channel)
+    paths = ensure_synthetic_pins(
+        s.cache_dir,
+        num_train=s.num_train,
+        num_val=s.num_val,
+        image_size=tuple(s.image_size),
+        seed=s.seed,
+        max_rotation=s.max_rotation,
+    )
+    _, train = load_coco_records(*paths["train"], spec=spec, on_error=on_error)
+    _, val = load_coco_records(*paths["val"], spec=spec, on_error=on_error)
+    return spec, list(train), list(val)
+
+
+def _check_spec(recipe: Recipe, spec: KeypointSpec | None, source: KeypointSpec) -> None:
+    if spec is not None and spec.num_keypoints != source.num_keypoints:
+        raise recipe.error(
+            "data.spec",
+            f"{spec.num_keypoints} keypoints, but the data source has "
+            f"{source.num_keypoints} ({', '.join(source.names)}); fix the spec or drop it",
+        )
+
+
+def split_by_image(
+    records: Sequence[InstanceRecord], fraction: float, seed: int
+) -> tuple[list[InstanceRecord], list[InstanceRecord]]:
+    """Split records into (train, val) by image, ``fraction`` of the images to val.
+
+    Example:
+        >>> recs = [InstanceRecord(f"{i}.png", (0, 0, 9, 9), np.zeros((1, 3)), image_id=i)
+        ...         for i in range(10)]
+        >>> [len(part) for part in split_by_image(recs, 0.2, seed=0)]
+        [8, 2]
+    """
+    images = sorted({r.image_path for r in records})
+    if fraction <= 0 or len(images) < 2:
+        return list(records), []
+    rng = np.random.default_rng(seed)
+    n_val = min(max(1, round(fraction * len(images))), len(images) - 1)
+    val_images = set(rng.permutation(images)[:n_val].tolist())
+    train = [r for r in records if r.image_path not in val_images]
+    val = [r for r in records if r.image_path in val_images]
+    return train, val
+
+
+def load_training(recipe: Recipe):
+    """(spec, training records, pipeline config) of a recipe."""
+    spec, train, _ = load_data(recipe)
+    return spec, train, pipeline_config(recipe)
+
+
+def load_validation(recipe: Recipe, detections: bool = False):
+    """(spec, validation records, pipeline config); used by ``kpnet evaluate MODEL RECIPE``."""
+    spec, _, val = load_data(recipe, detections)
+    return spec, val, pipeline_config(recipe)
