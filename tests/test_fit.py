@@ -164,9 +164,14 @@ def test_mixed_precision_fit_runs(tmp_path, tiny, precision):
 
 @pytest.mark.slow
 def test_freeze_backbone_then_unfreeze(tmp_path, tiny):
+    from kpnet.models.backbones import build_backbone
+
+    images = keras.Input((64, 64, 3))  # a "pretrained" trunk: only those are frozen
+    keras.Model(images, build_backbone("tiny", images)).save_weights(tmp_path / "t.weights.h5")
     recipe = load_recipe(QUICKSTART, [*tiny, "train.epochs=2", "train.freeze_backbone_epochs=1",
                                       "train.unfreeze_lr_factor=0.5", "train.steps_per_epoch=1",
-                                      "export.keypoints_model=false"])  # fmt: skip
+                                      "export.keypoints_model=false",
+                                      f"model.backbone_weights={tmp_path / 't.weights.h5'}"])
     fit(recipe, tmp_path / "frozen")
     assert [r["epoch"] for r in _history(tmp_path / "frozen")] == ["0", "1"]
     meta = json.loads((tmp_path / "frozen" / "backup" / "training_metadata.json").read_text())
@@ -194,6 +199,7 @@ def test_fit_dlc_project(tmp_path):
         f"data.dlc.project={DLC}", "model.backbone=tiny", "model.backbone_weights=null",
         "model.input_size=[64,64]", "model.pyramid_channels=16", "train.epochs=2",
         "train.freeze_backbone_epochs=1", "train.batch_size=4", "train.steps_per_epoch=2",
-        "train.verbose=0"])  # fmt: skip
+        "data.dlc.val_last=10", "train.validation_every=1", "train.verbose=0"])  # fmt: skip
     result = fit(recipe, tmp_path / "dlc")
-    assert result["metrics"]["num_instances"] == 11 and (tmp_path / "dlc" / "best.keras").exists()
+    assert result["metrics"]["num_instances"] == 10 and (tmp_path / "dlc" / "best.keras").exists()
+    assert result["metrics"]["crops"].startswith("whole frames")  # what predict sees

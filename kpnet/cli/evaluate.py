@@ -135,9 +135,9 @@ def _load(model_path, recipe_path, overrides, flip_test, detections: bool = Fals
     The model is wrapped with the recipe's codec (decoding, flip test, crop geometry), with
     ``flip_test`` (when not None) overriding the recipe's ``evaluation.flip_test``.
     """
+    from kpnet.data.sources import load_validation
     from kpnet.inference import load_model
     from kpnet.recipe import RecipeError, load_recipe
-    from kpnet.data.sources import load_validation
 
     if recipe_path is None:
         folder = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
