@@ -184,7 +184,7 @@ def recompute_bn_statistics(model: keras.Model, dataset: Any, num_batches: int) 
     Args:
         model: a Keras model; BN layers of nested models count too.
         dataset: a ``tf.data.Dataset`` (or iterable) of image batches, or of tuples whose
-            first element is the images; use the inference geometry (no augmentation).
+            first element is the images (kpnet fit uses its augmented training crops).
         num_batches: batches to average over (at most what the dataset yields).
 
     Returns:
@@ -208,7 +208,7 @@ class PreciseBN(keras.callbacks.Callback):
     a NaN guard that sets ``model.stop_training``: a stopped epoch is skipped.
 
     Args:
-        dataset_fn: ``() -> tf.data.Dataset`` of image batches (inference geometry); called
+        dataset_fn: ``() -> tf.data.Dataset`` of image batches (training crops); called
             once, on first use, and iterated on across epochs (make it repeat).
         num_batches: batches averaged per epoch.
 
