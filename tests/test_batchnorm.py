@@ -263,7 +263,7 @@ def test_bn_momentum_reaches_every_batchnorm_layer():
             } == {0.9}  # fmt: skip
     with pytest.raises(RecipeError, match="model.bn_momentum"):
         load_recipe(QUICKSTART, ["model.bn_momentum=1.0"])
-    assert load_recipe(QUICKSTART).train.precise_bn_batches == 16
+    assert load_recipe(QUICKSTART).train.precise_bn_batches == 0  # off: see the changelog
 
 
 def test_fit_adds_precise_bn_after_the_nan_guard(tmp_path):
@@ -274,7 +274,7 @@ def test_fit_adds_precise_bn_after_the_nan_guard(tmp_path):
             "data.synthetic_pins.num_train=20", "data.synthetic_pins.num_val=2",
             "data.synthetic_pins.image_size=[64,64]", "model.input_size=[64,64]",
             "train.batch_size=8"]  # fmt: skip
-    recipe = load_recipe(QUICKSTART, base)
+    recipe = load_recipe(QUICKSTART, [*base, "train.precise_bn_batches=16"])
     spec, train, _ = kt.load_data(recipe)
     phase = training_phases(recipe)[0]
     run = kt._Run(recipe, tmp_path, spec, 2, None, None, "loss", NaNGuard(), train)
