@@ -20,7 +20,11 @@ BACKUP_WEIGHTS = "latest.weights.h5"
 BACKUP_META = "training_metadata.json"
 
 
-def _finite(logs: dict | None) -> bool:
+def _finite(logs: dict | None, key: str | None = None) -> bool:
+    """The loss (or ``key``, which must then be present) is finite."""
+    if key is not None:
+        value = (logs or {}).get(key)
+        return value is not None and math.isfinite(float(value))
     loss = (logs or {}).get("loss")
     return loss is None or math.isfinite(float(loss))
 
@@ -121,8 +125,8 @@ class GuardedCheckpoint(keras.callbacks.ModelCheckpoint):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if self.guard.triggered or not _finite(logs):
             return
-        if self.save_best_only and self.monitor not in (logs or {}):
-            return
+        if self.save_best_only and not _finite(logs, self.monitor):
+            return  # no validation this epoch (NaN placeholder) or a non-finite score
         super().on_epoch_end(epoch, logs)
 
 

@@ -278,7 +278,7 @@ class TrainSection(_Strict):
     unfreeze_lr_factor: float = Field(1.0, gt=0.0)
     validation_every: int = Field(1, ge=1)
     backup_every_steps: int | None = Field(None, ge=1)  # default: back up every epoch
-    precise_bn_batches: int = Field(0, ge=0)  # recompute BN statistics on N batches; 0: off
+    precise_bn_batches: int = Field(16, ge=0)  # recompute BN statistics on N batches; 0: off
     verbose: Literal[0, 1, 2] = 1
 
 

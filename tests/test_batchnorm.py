@@ -263,7 +263,7 @@ def test_bn_momentum_reaches_every_batchnorm_layer():
             } == {0.9}  # fmt: skip
     with pytest.raises(RecipeError, match="model.bn_momentum"):
         load_recipe(QUICKSTART, ["model.bn_momentum=1.0"])
-    assert load_recipe(QUICKSTART).train.precise_bn_batches == 0  # off: see the changelog
+    assert load_recipe(QUICKSTART).train.precise_bn_batches == 16
 
 
 def test_fit_adds_precise_bn_after_the_nan_guard(tmp_path):
