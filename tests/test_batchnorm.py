@@ -9,11 +9,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import cv2
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from _blobs import disk_images
 from click.testing import CliRunner
 
 from kpnet import codec
@@ -183,21 +183,10 @@ def test_precise_bn_runs_on_the_last_batch_before_validation():
 
 # --------------------------------------------------------------------------- acceptance
 SIZE, NUM, BATCH = 64, 24, 8
-COLOURS = ((255, 40, 40), (40, 80, 255))
 
 
 def _blobs(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 [N,64,64,3] images with a red and a blue disk; keypoints [N,2,3] (input px)."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(90, 140, (NUM, SIZE, SIZE, 3)).astype(np.uint8)
-    keypoints = np.zeros((NUM, 2, 3), np.float32)
-    for i in range(NUM):
-        for k, colour in enumerate(COLOURS):
-            xy = rng.uniform(10, SIZE - 11, 2)
-            centre = tuple(int(round(v * 16)) for v in xy)
-            cv2.circle(images[i], centre, 4 * 16, colour, -1, cv2.LINE_AA, shift=4)
-            keypoints[i, k] = (*xy, 2.0)
-    return images, keypoints
+    return disk_images(NUM, SIZE, seed)
 
 
 def _peaks(model: keras.Model, images: np.ndarray, training: bool):

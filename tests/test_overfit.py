@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import cv2
 import keras
 import numpy as np
+from _blobs import disk_images
 
 import kpnet  # noqa: F401  (sets TF log level)
 from kpnet import codec
@@ -13,22 +13,11 @@ from kpnet.models import build_cpn
 from kpnet.spec import KeypointSpec
 
 SIZE, STRIDE, NUM_IMAGES = 64, 4, 6
-COLOURS = ((255, 40, 40), (40, 80, 255))  # RGB: keypoint 0 red, keypoint 1 blue
 
 
 def make_images(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Images uint8 [N,64,64,3] with two blobs each, keypoints [N,2,3] in input pixels."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(90, 140, (NUM_IMAGES, SIZE, SIZE, 3)).astype(np.uint8)
-    keypoints = np.zeros((NUM_IMAGES, 2, 3), np.float32)
-    for i in range(NUM_IMAGES):
-        for k, colour in enumerate(COLOURS):
-            xy = rng.uniform(10, SIZE - 11, 2)
-            # anti-aliased disk centred at a sub-pixel position (shift=4: 1/16 px precision)
-            centre = tuple(int(round(v * 16)) for v in xy)
-            cv2.circle(images[i], centre, 4 * 16, colour, -1, cv2.LINE_AA, shift=4)
-            keypoints[i, k] = (*xy, 2.0)
-    return images, keypoints
+    return disk_images(NUM_IMAGES, SIZE, seed)
 
 
 def decode(heatmaps: np.ndarray) -> np.ndarray:
