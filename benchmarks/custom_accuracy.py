@@ -18,7 +18,10 @@ Variants (``--variant``, repeatable; default ``current``):
 
 * ``current``: the recipe as shipped, with ``model.backbone_weights=null`` and the small
   ``tiny`` trunk (64 pyramid channels);
-* ``no_precise_bn``: the same without precise BatchNorm (``train.precise_bn_batches=0``);
+* ``whole``: whole-frame mode (``data.mode=whole``): one pass over the letterboxed frame;
+* ``two_stage``: two-stage mode (``data.mode=two_stage``): the whole frame finds the animal,
+  a crop around the found keypoints at up to the frame's own resolution refines them;
+* ``no_precise_bn``: the recipe without precise BatchNorm (``train.precise_bn_batches=0``);
 * ``topdown``: validation and prediction the old way: a top-down model cropping around the
   labelled keypoints (``data.mode=topdown``); predicted here on whole frames, as
   ``kpnet predict`` must on new frames (it has no keypoints to place a box with).
@@ -44,6 +47,8 @@ BASE = [f"data.dlc.project={PROJECT}", f"data.dlc.val_last={HOLD_OUT}",
         "train.verbose=0"]  # fmt: skip
 VARIANTS = {
     "current": [],
+    "whole": ["data.mode=whole"],
+    "two_stage": ["data.mode=two_stage"],
     "no_precise_bn": ["train.precise_bn_batches=0"],
     "topdown": ["data.mode=topdown"],
 }

@@ -103,8 +103,11 @@ def render_heatmaps(
 DEFAULT_PADDING: tuple[float, float] = (1.2, 1.3)
 #: Extra extension of top-down crops while training (tf-cpn: 1.25).
 DEFAULT_TRAIN_BOX_EXTEND: float = 1.25
-#: How a record or a new frame becomes a crop: around its box, or the whole frame.
-CROP_MODES: tuple[str, ...] = ("topdown", "whole", "random_crop")
+#: How a record or a new frame becomes a crop: around its box, the whole frame, or both in
+#: turn (``two_stage``: find the subject on the whole frame, refine a crop around it).
+CROP_MODES: tuple[str, ...] = ("topdown", "whole", "random_crop", "two_stage")
+#: Share of two-stage training crops that are whole frames (the rest: refinement crops).
+DEFAULT_WHOLE_FRACTION: float = 0.5
 
 
 def _numpy_in_numpy_out(fn):
@@ -226,6 +229,30 @@ def crop_to_image(keypoints, matrices, image_hw):
     hw = ops.cast(ops.convert_to_tensor(image_hw), "float32")
     high = ops.flip(hw, axis=-1)[..., None, :] - 1.0  # (W - 1, H - 1) [n, 1, 2]
     return ops.maximum(ops.minimum(xy, high), 0.0)
+
+
+@_numpy_in_numpy_out
+def keypoint_boxes(xy, valid):
+    """Boxes (x, y, w, h) [..., 4] spanning the valid points of xy [..., K, 2].
+
+    The box of two-stage refinement crops, from the labels while training and from the
+    first stage's confident keypoints at inference. No valid point: (0, 0, 0, 0), which
+    every crop function reads as "the whole image".
+
+    Example:
+        >>> xy = [[[10.0, 20.0], [30.0, 60.0], [99.0, 99.0]]]
+        >>> keypoint_boxes(xy, [[True, True, False]]).tolist()
+        [[10.0, 20.0, 21.0, 41.0]]
+        >>> keypoint_boxes(xy, [[False, False, False]]).tolist()
+        [[0.0, 0.0, 0.0, 0.0]]
+    """
+    xy = ops.cast(ops.convert_to_tensor(xy), "float32")[..., :2]
+    valid = ops.convert_to_tensor(valid)[..., None]
+    big = 3.0e38
+    lo = ops.min(ops.where(valid, xy, big), axis=-2)
+    hi = ops.max(ops.where(valid, xy, -big), axis=-2)
+    box = ops.concatenate([lo, hi - lo + 1.0], axis=-1)
+    return ops.where(ops.any(valid, axis=-2), box, 0.0)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -470,10 +497,13 @@ class Codec:
         global_sigmas: Gaussian sigma (heatmap px) of the GlobalNet targets, P2..P5.
         refine_sigma: sigma of the RefineNet target; DARK decoding smooths with it.
         mode: ``"topdown"`` (a crop around each box), ``"whole"`` (the whole frame,
-            aspect kept) or ``"random_crop"`` (training: a random window holding the box;
-            inference: the whole frame).
+            aspect kept), ``"random_crop"`` (training: a random window holding the box;
+            inference: the whole frame) or ``"two_stage"`` (single-subject frames: the
+            whole frame finds the subject, then a crop around the found keypoints refines
+            it, never magnified beyond the frame's own resolution; see :meth:`locate`).
         padding: (x, y) extension of top-down boxes.
         train_box_extend: extra extension of top-down crops while training.
+        whole_fraction: ``two_stage`` training: the share of crops that are whole frames.
         method: decoding, ``"dark"``, ``"quarter"`` or ``"argmax"``.
         flip_test: average the heatmaps with those of the mirrored crop.
         max_peaks: peaks searched per shared channel (None: its number of keypoints).
@@ -487,6 +517,7 @@ class Codec:
     mode: str = "topdown"
     padding: tuple[float, float] = DEFAULT_PADDING
     train_box_extend: float = DEFAULT_TRAIN_BOX_EXTEND
+    whole_fraction: float = DEFAULT_WHOLE_FRACTION
     method: str = "dark"
     flip_test: bool = False
     max_peaks: int | None = None
@@ -501,6 +532,7 @@ class Codec:
         fix("refine_sigma", float(self.refine_sigma))
         fix("padding", tuple(float(v) for v in self.padding))
         fix("train_box_extend", float(self.train_box_extend))
+        fix("whole_fraction", float(self.whole_fraction))
         fix("flip_test", bool(self.flip_test))
         fix("max_peaks", None if self.max_peaks is None else int(self.max_peaks))
         fix("threshold", float(self.threshold))
@@ -525,6 +557,8 @@ class Codec:
         numbers = (*self.global_sigmas, self.refine_sigma, self.train_box_extend, self.threshold)
         if not all(np.isfinite(numbers)) or min(*self.global_sigmas, self.refine_sigma) <= 0:
             raise CodecError("codec: sigmas must be finite and > 0, other numbers finite")
+        if not 0.0 <= self.whole_fraction <= 1.0:
+            raise CodecError(f"codec.whole_fraction: {self.whole_fraction} must be in [0, 1]")
         if self.max_peaks is not None and self.max_peaks < 1 or self.min_distance < 0:
             raise CodecError("codec: max_peaks must be >= 1 and min_distance >= 0")
 
@@ -559,22 +593,28 @@ class Codec:
     def regions(self, boxes, image_hw, training: bool = False):
         """(center, size) [n, 2] of the crop regions of boxes [n, 4] in images [n, 2] (H, W).
 
-        Top-down: the box with ``padding`` (times ``train_box_extend`` when training);
-        a box with w <= 0 or h <= 0, and every box in ``whole`` / ``random_crop`` mode
-        (inference), stands for the whole image, letterboxed with the aspect kept.
+        Top-down and two-stage: the box with ``padding`` (times ``train_box_extend`` when
+        training); two-stage crops are at least the input size in image pixels (never
+        magnified beyond the frame's resolution). A box with w <= 0 or h <= 0, and every
+        box in ``whole`` / ``random_crop`` mode (inference), stands for the whole image,
+        letterboxed with the aspect kept.
         """
         boxes = ops.cast(ops.convert_to_tensor(boxes), "float32")
         hw = ops.cast(ops.convert_to_tensor(image_hw), "float32")
         zeros = ops.zeros_like(hw)
         image_box = ops.concatenate([zeros, ops.flip(hw, axis=-1)], axis=-1)  # (0, 0, W, H)
         whole = ops.logical_or(boxes[..., 2] <= 0, boxes[..., 3] <= 0)
-        if self.mode != "topdown":
+        if self.mode in ("whole", "random_crop"):
             whole = ops.logical_or(whole, True)
         boxes = ops.where(whole[..., None], image_box, boxes)
         pad = ops.where(whole[..., None], 1.0, ops.convert_to_tensor(self.padding, "float32"))
         center, size = box_to_center_scale(boxes, self.aspect_ratio, pad)
-        if training and self.mode == "topdown":
-            size = size * self.train_box_extend
+        if self.mode == "two_stage":
+            native = ops.convert_to_tensor(self.input_size[::-1], "float32")  # (W, H)
+            size = ops.where(whole[..., None], size, ops.maximum(size, native))
+        if training and self.mode in ("topdown", "two_stage"):
+            extend = ops.where(whole[..., None], 1.0, self.train_box_extend)
+            size = size * extend
         return center, size
 
     def crop_matrices(self, boxes, image_hw):
@@ -587,6 +627,36 @@ class Codec:
         """
         center, size = self.regions(boxes, image_hw)
         return crop_affine(center, size, self.input_size)
+
+    def found_boxes(self, xy, scores):
+        """Boxes [n, 4] around the keypoints [n, K, 2] scoring at least ``threshold`` (the
+        second stage's boxes; none confident: the whole image again)."""
+        return keypoint_boxes(xy, ops.convert_to_tensor(scores) >= self.threshold)
+
+    def locate(self, boxes, locate_fn):
+        """Keypoints of boxes [n, 4] through ``locate_fn(boxes) -> (xy, scores)`` (one pass
+        of the model over the codec's crops, keypoints in image pixels), in two stages when
+        the mode is ``two_stage``: rows whose box is the whole image (w or h <= 0) are first
+        located on the whole frame, then refined in a crop around their confident keypoints
+        (:meth:`found_boxes`). The ONE definition of inference, for ``kpnet predict``,
+        evaluation and the SavedModel.
+
+        Example:
+            >>> codec = Codec((64, 64), mode="two_stage")
+            >>> def locate_fn(boxes):  # a stand-in model: one keypoint at the box's corner
+            ...     return np.asarray(boxes)[:, None, :2] + 7.0, np.ones((len(boxes), 1))
+            >>> xy, _ = codec.locate(np.zeros((1, 4)), locate_fn)
+            >>> xy.tolist()   # found at (7, 7), then refined in a crop around it
+            [[[14.0, 14.0]]]
+        """
+        if self.mode != "two_stage":
+            return locate_fn(boxes)
+        graph = ops.is_tensor(boxes)
+        boxes = ops.cast(ops.convert_to_tensor(boxes), "float32")
+        whole = ops.logical_or(boxes[..., 2] <= 0, boxes[..., 3] <= 0)
+        xy, scores = locate_fn(ops.zeros_like(boxes) if graph else np.zeros(boxes.shape, "f4"))
+        refined = ops.where(whole[..., None], self.found_boxes(xy, scores), boxes)
+        return locate_fn(refined if graph else np.asarray(ops.convert_to_numpy(refined)))
 
     # -- encoding / decoding ------------------------------------------------------------
     def encode(self, keypoints, sigma: float | None = None, channels=None):

@@ -25,7 +25,9 @@ The keypoint spec is also stored as the asset ``assets/spec.json``.
 
 The crops are those of validation and ``kpnet predict``: the model's codec places them
 (:meth:`kpnet.codec.Codec.crop_matrices`: the box with the codec's padding; the whole image,
-letterboxed, for a box with w or h <= 0 and for whole-frame models), the shared sampler
+letterboxed, for a box with w or h <= 0 and for whole-frame models; two-stage models run
+twice, :meth:`kpnet.codec.Codec.locate`: the whole image, then a crop around the keypoints
+found there), the shared sampler
 makes them (:func:`kpnet.crops.sample_crops`: anti-aliased, bilinear) and
 :func:`kpnet.codec.crop_to_image` maps the keypoints back, clipped to the image.
 """
@@ -170,11 +172,15 @@ class KeypointServingModule(tf.Module):
         )
         with tf.control_dependencies([size]):
             hw = tf.cast(tf.tile(tf.shape(images)[None, 1:3], tf.stack([n, 1])), tf.float32)
-        matrices = self.codec.crop_matrices(boxes, hw)
-        crops = sample_crops(images, matrices, self.input_size)
-        out = self.crops(tf.cast(crops, tf.float32))  # one traced forward for all signatures
-        xy = crop_to_image(out["keypoints"], matrices, hw)
-        return {"keypoints": xy, "scores": out["scores"]}
+
+        def locate(boxes: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+            matrices = self.codec.crop_matrices(boxes, hw)
+            crops = sample_crops(images, matrices, self.input_size)
+            out = self.crops(tf.cast(crops, tf.float32))  # one traced forward for all
+            return crop_to_image(out["keypoints"], matrices, hw), out["scores"]
+
+        xy, scores = self.codec.locate(boxes, locate)  # two stages for two-stage models
+        return {"keypoints": xy, "scores": scores}
 
     def _whole_image(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         return self.serving_default(images, tf.zeros([tf.shape(images)[0], 4], tf.float32))

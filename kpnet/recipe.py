@@ -48,6 +48,7 @@ from kpnet.codec import (
     DEFAULT_PADDING,
     DEFAULT_REFINE_SIGMA,
     DEFAULT_TRAIN_BOX_EXTEND,
+    DEFAULT_WHOLE_FRACTION,
     Codec,
 )
 from kpnet.spec import KeypointSpec, SpecError
@@ -174,9 +175,10 @@ class DataSection(_Strict):
     dlc: DlcSource | None = None
     synthetic_pins: SyntheticSource | None = None
     spec: Literal["coco17"] | dict[str, Any] | None = None  # None: derived from the source
-    mode: Literal["topdown", "whole", "random_crop"] = "topdown"
+    mode: Literal["topdown", "whole", "random_crop", "two_stage"] = "topdown"
     padding: tuple[float, float] = DEFAULT_PADDING
     train_box_extend: float = Field(DEFAULT_TRAIN_BOX_EXTEND, gt=0.0)
+    whole_fraction: float = Field(DEFAULT_WHOLE_FRACTION, ge=0.0, le=1.0)
     on_error: Literal["raise", "skip"] = "raise"
 
     @field_validator("spec")
@@ -328,6 +330,7 @@ class Recipe(_Strict):
             mode=d.mode,
             padding=tuple(d.padding),
             train_box_extend=d.train_box_extend,
+            whole_fraction=d.whole_fraction,
             method=e.decode,
             flip_test=e.flip_test,
             max_peaks=e.max_peaks,

@@ -94,6 +94,9 @@ def evaluate_model(
 def crop_source(codec: Codec, detections: bool = False) -> str:
     """Where validation crops come from, for reports: whole frames, detector boxes, or boxes
     from the labels ("oracle boxes": a number no user gets on new frames without boxes)."""
+    if codec.mode == "two_stage":
+        return "two stages: whole frames, then crops around the found keypoints (as kpnet " \
+            "predict on new frames)"
     if codec.mode != "topdown":
         return "whole frames (as kpnet predict on new frames)"
     if detections:
@@ -129,13 +132,31 @@ def evaluate_detections(
 
 
 def _predict_all(model, records, spec, pipeline_config, batch_size):
-    """(xy [N, K, 2], scores [N, K]) in image pixels for every record, via the eval pipeline."""
+    """(xy [N, K, 2], scores [N, K]) in image pixels for every record, via the eval pipeline
+    (two-stage models: :class:`Predictor` on each record's whole image, as on new frames)."""
     from kpnet.data.pipeline import build_dataset
 
+    if pipeline_config.codec.mode == "two_stage":
+        return _predict_frames(model, records, pipeline_config.codec, batch_size)
     dataset = build_dataset(
         records, spec, pipeline_config, batch_size, training=False, with_meta=True
     )
     return predict_records(model, dataset.as_numpy_iterator(), len(records))
+
+
+def _predict_frames(model, records, codec, batch_size):
+    """Predict each record's image as a new frame (no box: the subject is found first)."""
+    from kpnet.frames import read_image
+
+    items = ((i, read_image(r.image_path), None) for i, r in enumerate(records))
+    xy = np.zeros((len(records), 0, 2), np.float32)
+    scores = np.zeros((len(records), 0), np.float32)
+    for i, kp, sc, _ in Predictor(model, codec).run(items, batch_size):
+        if not xy.shape[1]:
+            xy = np.zeros((len(records), kp.shape[1], 2), np.float32)
+            scores = np.zeros((len(records), kp.shape[1]), np.float32)
+        xy[i], scores[i] = kp[0], sc[0]
+    return xy, scores
 
 
 def _predict(model: Any, images: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -194,43 +215,59 @@ class Predictor:
     ) -> Iterator[tuple[Any, np.ndarray, np.ndarray, dict[str, np.ndarray] | None]]:  # fmt: skip
         """For each ``(key, image, boxes)`` yield ``(key, keypoints, scores, extra)``, in
         order, batching crops of consecutive images (``extra``: crops and heatmaps when
-        ``keep_crops``, else None)."""
+        ``keep_crops``, else None). Two-stage models run both stages
+        (:meth:`kpnet.codec.Codec.locate`)."""
         from kpnet.inference import with_heatmaps
 
         model = with_heatmaps(self.model) if keep_crops else self.model
-        pending: list[tuple[Any, int, np.ndarray, np.ndarray]] = []
-        crops: list[np.ndarray] = []
+        batch: list[tuple[Any, np.ndarray, np.ndarray]] = []
         for key, image, boxes in items:
-            c, m = self.crops(image, boxes)
-            pending.append((key, len(c), m, np.array(np.shape(image)[:2], np.float32)))
-            crops.append(c)
-            if sum(len(x) for x in crops) >= batch_size:
-                yield from self._flush(model, pending, crops, keep_crops)
-                pending, crops = [], []
-        if pending:
-            yield from self._flush(model, pending, crops, keep_crops)
+            image = np.asarray(image)
+            boxes = np.zeros((1, 4), np.float32) if boxes is None else np.asarray(boxes, "f4")
+            batch.append((key, image, boxes.reshape(-1, 4)))
+            if sum(len(b) for _, _, b in batch) >= batch_size:
+                yield from self._batch(model, batch, keep_crops)
+                batch = []
+        if batch:
+            yield from self._batch(model, batch, keep_crops)
 
-    def _flush(self, model, pending, crops, keep_crops):
-        batch = np.concatenate(crops)
-        if len(batch):
-            out = {k: _numpy(v) for k, v in model.predict_on_batch(batch).items()}
-        else:  # no boxes in these images
-            k, c = self.spec.num_keypoints, self.spec.num_channels
-            h, w = self.codec.heatmap_size
-            out = {"keypoints": np.zeros((0, k, 2), np.float32),
-                   "scores": np.zeros((0, k), np.float32),
-                   "heatmaps": np.zeros((0, h, w, c), np.float32)}  # fmt: skip
-        kp = out["keypoints"][..., :2]
-        scores = out["scores"]
+    def _batch(self, model, batch, keep_crops):
+        images = [image for _, image, _ in batch]
+        counts = [len(b) for _, _, b in batch]
+        image_of = np.repeat(np.arange(len(batch)), counts)
+        last: dict[str, np.ndarray] = {}
+
+        def locate(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            crops, matrices = [], []
+            for i, image in enumerate(images):
+                c, m = self.crops(image, boxes[image_of == i])
+                crops.append(c)
+                matrices.append(m)
+            last.update(crops=np.concatenate(crops), matrices=np.concatenate(matrices))
+            out = self._forward(model, last["crops"])
+            last.update(out)
+            hw = np.array([images[i].shape[:2] for i in image_of], np.float32).reshape(-1, 2)
+            xy = _numpy(crop_to_image(out["keypoints"][..., :2], last["matrices"], hw))
+            return xy, out["scores"]
+
+        xy, scores = self.codec.locate(np.concatenate([b for _, _, b in batch]), locate)
         start = 0
-        for key, n, m, hw in pending:
+        for (key, _, _), n in zip(batch, counts, strict=True):
             part = slice(start, start + n)
-            xy = _numpy(crop_to_image(kp[part], m, np.tile(hw, (n, 1))))
             extra = None
             if keep_crops:
-                extra = {"crops": batch[part], "heatmaps": out["heatmaps"][part]}
-            yield key, xy, scores[part], extra
+                extra = {"crops": last["crops"][part], "heatmaps": last["heatmaps"][part]}
+            yield key, xy[part], scores[part], extra
             start += n
+
+    def _forward(self, model, crops: np.ndarray) -> dict[str, np.ndarray]:
+        if len(crops):
+            return {k: _numpy(v) for k, v in model.predict_on_batch(crops).items()}
+        k, c = self.spec.num_keypoints, self.spec.num_channels  # no boxes in these images
+        h, w = self.codec.heatmap_size
+        return {"keypoints": np.zeros((0, k, 2), np.float32),
+                "scores": np.zeros((0, k), np.float32),
+                "heatmaps": np.zeros((0, h, w, c), np.float32)}  # fmt: skip
 
 
 _SAMPLER: list[Any] = []

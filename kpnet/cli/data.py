@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 
+from kpnet.codec import CROP_MODES
 from kpnet.data.check import LoadReport, Records, check_records, format_check
 from kpnet.data.records import DataError
 from kpnet.spec import KeypointSpec
@@ -167,7 +168,7 @@ def convert(project: str, out_json: str, box: str, margin: float) -> None:
 @click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder.")
 @click.option("-n", "num", type=click.IntRange(1, 256), default=16, show_default=True)
 @click.option("--input-size", default="256x192", show_default=True, help="HEIGHTxWIDTH.")
-@click.option("--mode", type=click.Choice(["topdown", "whole", "random_crop"]),
+@click.option("--mode", type=click.Choice(list(CROP_MODES)),
               default="topdown", show_default=True)  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True)
 def preview(

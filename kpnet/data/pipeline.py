@@ -76,8 +76,8 @@ class PipelineConfig:
 
     Args:
         codec: :class:`kpnet.codec.Codec` (or a mapping of its fields): input size, stride,
-            crop mode (``"topdown"``, ``"whole"``, ``"random_crop"``), box padding and the
-            training box extension.
+            crop mode (``"topdown"``, ``"whole"``, ``"random_crop"``, ``"two_stage"``), box
+            padding and the training box extension.
         augment: :class:`~kpnet.data.augment.AugmentConfig` (or a mapping of its fields).
         shuffle_buffer: instance-level shuffle buffer (after the per-epoch image shuffle).
         fill_value: grey level outside the image.
@@ -375,8 +375,10 @@ class _Builder:
         SavedModel use); training: the codec's regions, randomly scaled, rotated, flipped.
         """
         cfg, n = self.config, tf.shape(idx)[0]
-        seeds = tf.random.experimental.stateless_split(seed, 2)
+        seeds = tf.random.experimental.stateless_split(seed, 3)
         boxes = tf.gather(self.boxes, idx)
+        if cfg.mode == "two_stage":  # boxes as the second stage finds them: from keypoints
+            boxes = self._two_stage_boxes(idx, seeds[2])
         if not self.training:
             return cfg.codec.crop_matrices(boxes, hw)
         if cfg.mode == "random_crop":
@@ -391,6 +393,17 @@ class _Builder:
         if cfg.mode != "random_crop":
             size = size * scale[:, None]
         return codec.crop_affine(center, size, cfg.input_size, rot, flip)
+
+    def _two_stage_boxes(self, idx: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """Two-stage boxes [n, 4]: the labelled keypoints' extent (what the second stage
+        crops around); while training, a ``whole_fraction`` share are whole frames (the
+        first stage)."""
+        kp = tf.gather(self.keypoints, idx)
+        boxes = codec.keypoint_boxes(kp[..., :2], kp[..., 2] > 0)
+        if not self.training:
+            return boxes
+        whole = tf.random.stateless_uniform(tf.shape(idx), seed) < self.config.codec.whole_fraction
+        return tf.where(whole[:, None], 0.0, boxes)
 
     def keypoints_out(self, idx: tf.Tensor, m: tf.Tensor) -> tf.Tensor:
         """Keypoints [n,K,3] in heatmap coords; flipped order; outside / unlabelled -> 0."""
