@@ -249,8 +249,8 @@ def keypoint_boxes(xy, valid):
     xy = ops.cast(ops.convert_to_tensor(xy), "float32")[..., :2]
     valid = ops.convert_to_tensor(valid)[..., None]
     big = 3.0e38
-    lo = ops.min(ops.where(valid, xy, big), axis=-2)
-    hi = ops.max(ops.where(valid, xy, -big), axis=-2)
+    lo = ops.min(ops.where(valid, xy, big), axis=-2, initial=big)  # initial: n = 0 works
+    hi = ops.max(ops.where(valid, xy, -big), axis=-2, initial=-big)
     box = ops.concatenate([lo, hi - lo + 1.0], axis=-1)
     return ops.where(ops.any(valid, axis=-2), box, 0.0)
 

@@ -150,3 +150,10 @@ def test_training_mixes_whole_frames_and_refine_crops(tmp_path):
                                  np.array([[480, 640]], np.float32), training=True)  # fmt: skip
         np.testing.assert_allclose(m, codec.crop_affine(c, s, INPUT)[0], atol=1e-3)
         assert np.abs(m[0, 0]) <= 1 / cfg.codec.train_box_extend + 1e-6  # never magnified
+
+
+def test_an_image_without_boxes_gives_no_instances(frame):
+    out = list(Predictor(_blob_model("two_stage")).run([(0, frame, np.zeros((0, 4))),
+                                                       (1, frame, None)]))  # fmt: skip
+    assert [xy.shape for _, xy, _, _ in out] == [(0, 3, 2), (1, 3, 2)]
+    np.testing.assert_allclose(out[1][1][0], POINTS, atol=0.5)
