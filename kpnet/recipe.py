@@ -168,11 +168,22 @@ class SyntheticSource(_Strict):
     single_channel: bool = False
 
 
+class TFRecordSource(_Strict):
+    """Sharded TFRecord sets written by ``kpnet data convert SOURCE --to tfrecord -o DIR``.
+
+    Paths may be URLs (``gs://bucket/train``): they stay strings.
+    """
+
+    train: str  # folder holding index.json and the shards of the training set
+    val: str | None = None  # a converted validation set (read once into memory), or null
+
+
 class DataSection(_Strict):
-    source: Literal["coco", "dlc", "synthetic_pins"]
+    source: Literal["coco", "dlc", "synthetic_pins", "tfrecord"]
     coco: CocoSource | None = None
     dlc: DlcSource | None = None
     synthetic_pins: SyntheticSource | None = None
+    tfrecord: TFRecordSource | None = None
     spec: Literal["coco17"] | dict[str, Any] | None = None  # None: derived from the source
     mode: Literal["topdown", "whole", "random_crop"] = "topdown"
     padding: tuple[float, float] = DEFAULT_PADDING
@@ -337,10 +348,12 @@ class Recipe(_Strict):
 
     def check_files(self) -> None:
         """Raise RecipeError naming the key of every input path that does not exist."""
+        from kpnet import fs
+
         missing = [
             f"{self._source}: {key}: file not found: {path}"
             for key, path in _input_paths(self)
-            if not Path(path).exists()
+            if not fs.exists(path)
         ]
         if missing:
             raise RecipeError("\n".join(missing))
@@ -526,6 +539,18 @@ def _resolve_paths(recipe: Recipe, base: Path, over_keys: Sequence[str]) -> None
         if not p.is_absolute():
             p = Path(os.path.normpath((cwd if key in over_keys else base) / p))
         setattr(section, name, str(p) if name == "backbone_weights" else p)
+    tfr = recipe.data.tfrecord
+    for name in ("train", "val") if tfr is not None else ():
+        value = getattr(tfr, name)
+        if value is not None and not _URL.match(value):  # URLs stay as they are
+            p = Path(value).expanduser()
+            key = f"data.tfrecord.{name}"
+            if not p.is_absolute():
+                p = Path(os.path.normpath((cwd if key in over_keys else base) / p))
+            setattr(tfr, name, str(p))
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _path_fields(recipe: Recipe) -> list[tuple[str, BaseModel, str]]:
@@ -543,7 +568,9 @@ def _path_fields(recipe: Recipe) -> list[tuple[str, BaseModel, str]]:
 
 
 def _input_paths(recipe: Recipe) -> list[tuple[str, str]]:
-    out = []
+    tfr = recipe.data.tfrecord
+    out = [(f"data.tfrecord.{n}", getattr(tfr, n)) for n in ("train", "val")
+           if tfr is not None and getattr(tfr, n) is not None]  # fmt: skip
     for key, section, name in _path_fields(recipe):
         value = getattr(section, name)
         if value is None or key == "data.synthetic_pins.cache_dir" or value == "imagenet":

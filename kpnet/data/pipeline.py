@@ -630,7 +630,7 @@ def _finish(ds, b, batch_size, training, shuffle, drop_remainder, with_meta, see
             _num_batches(num_instances, batch_size, drop_remainder)))  # fmt: skip
     if with_meta:
         ds = ds.map(lambda im, kp, m, i, e, *extra: (
-            im, kp, {"affine": m, "index": i, "image_hw": b.image_hw(i, *extra)}))
+            im, kp, {"affine": m, "index": i, "image_hw": b.image_hw(i, *extra)}))  # fmt: skip
     else:
         ds = ds.map(lambda im, kp, m, i, e, *extra: (im, kp))
     options = tf.data.Options()

@@ -236,8 +236,10 @@ def load_tfrecord_set(root: str | os.PathLike) -> TFRecordSet:
     present = set(fs.listdir(root))
     missing = [e["file"] for e in shards if e["file"] not in present]
     if missing:
-        raise DataError(f"{root}: shard file {missing[0]} listed in {INDEX} is missing "
-                        f"({len(missing)} missing); copy the whole folder or convert again")
+        raise DataError(
+            f"{root}: shard file {missing[0]} listed in {INDEX} is missing "
+            f"({len(missing)} missing); copy the whole folder or convert again"
+        )
     return TFRecordSet(root, files, spec, int(index["num_images"]), *counts,
                        [list(v) for v in index.get("image_sizes", [])])  # fmt: skip
 
@@ -363,8 +365,10 @@ def build_tfrecord_dataset(
     With ``input_context`` this input pipeline reads only shards ``i::n`` (whole files).
     """
     if spec.num_keypoints != tset.spec.num_keypoints:
-        raise DataError(f"{tset.root}: holds {tset.spec.num_keypoints} keypoints per instance, "
-                        f"the spec has {spec.num_keypoints}; convert with the right spec")
+        raise DataError(
+            f"{tset.root}: holds {tset.spec.num_keypoints} keypoints per instance, "
+            f"the spec has {spec.num_keypoints}; convert with the right spec"
+        )
     shuffle = training if shuffle is None else bool(shuffle)
     drop_remainder = training if drop_remainder is None else bool(drop_remainder)
     files, counts = list(tset.files), list(tset.shard_records)
