@@ -262,3 +262,58 @@ def test_cli_convert_to_tfrecord_and_fit_from_it(tmp_path):
     assert "16 training / 8 validation instances" in result.output
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["overall"]["count"] > 0 and np.isfinite(metrics["overall"]["mean"])
+
+
+@pytest.mark.slow  # about 60 s on 2 cores: the docs/scaling.md run, two local workers
+def test_multi_worker_fit_from_tfrecords(tmp_path):
+    """docs/scaling.md end to end: convert, then one ``python -m kpnet fit`` per worker with
+    its TF_CONFIG; each worker streams its own shard, the chief writes the run folder."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from kpnet.data.synthetic import ensure_synthetic_pins
+
+    paths = ensure_synthetic_pins(tmp_path / "pins", 16, 8, (64, 64), 0)
+    for split in ("train", "val"):
+        ann, images = paths[split]
+        result = CliRunner().invoke(main, ["data", "convert", ann, "--images", images, "--to",
+                                           "tfrecord", "-o", str(tmp_path / split),
+                                           "--shards", "2"])  # fmt: skip
+        assert result.exit_code == 0, result.output
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"data: {{source: tfrecord, tfrecord: {{train: {tmp_path / 'train'}, "
+        f"val: {tmp_path / 'val'}}}}}\n"
+        "model: {backbone: tiny, input_size: [64, 64], pyramid_channels: 16}\n"
+        "train: {batch_size: 8, epochs: 1, steps_per_epoch: 2, verbose: 0, distribute: auto}\n"
+        "evaluation: {flip_test: false}\n"
+    )
+    socks = [socket.socket() for _ in range(2)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    cluster = {"worker": [f"localhost:{s.getsockname()[1]}" for s in socks]}
+    for s in socks:
+        s.close()
+    procs = []
+    for index in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "kpnet", "fit", str(recipe), "-o", str(tmp_path / "run")],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "TF_CONFIG": tf_config, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        ))  # fmt: skip
+    try:
+        outputs = [p.communicate(timeout=500) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (stdout, stderr) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, stderr[-3000:]
+        assert "16 training / 8 validation instances" in stdout
+        assert "2 replica(s), global batch 8" in stdout
+    run = tmp_path / "run"
+    for name in ("last.keras", "history.csv", "metrics.json", "backup"):
+        assert (run / name).exists(), name
+    assert (run / ".workers" / "worker-1" / "backup" / "training_metadata.json").is_file()
