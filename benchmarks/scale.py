@@ -9,8 +9,8 @@ json, and the same data converted to TFRecords (``kpnet data convert --to tfreco
 - ``first_batch_s``: from loading the source (the json and its records, or the TFRecord
   index) to the first augmented training batch (``build_dataset(..., training=True,
   repeat=True)``), i.e. what ``kpnet fit`` waits before training starts;
-- ``extra_memory_mb``: peak resident memory minus the resident memory after importing
-  TensorFlow and kpnet (getrusage / ``/proc/self/statm``);
+- ``extra_memory_mb``: peak resident memory until the first batch minus the resident
+  memory after importing TensorFlow and kpnet (``VmHWM`` / ``VmRSS``, Linux);
 - ``images_per_s`` / ``instances_per_s``: steady state, after ``--warmup`` batches, over
   ``--steps`` batches of ``--batch`` crops (input 128x96, the default augmentation), on all
   the cores TensorFlow takes (a shared machine makes these noisy; compare within one run).
@@ -25,20 +25,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kpnet
 
 POOL, PER_IMAGE, IMAGE_SIZE, INPUT_SIZE = 64, 4, (128, 128), (128, 96)
 
 
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _memory(key: str) -> int:
+    """Bytes of ``VmRSS`` (resident now) or ``VmHWM`` (peak resident) of this process.
+
+    Not ``getrusage``: its peak survives ``exec``, so a case would inherit the parent's.
+    """
+    with open("/proc/self/status") as f:
+        line = next(ln for ln in f if ln.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def _paths(cache: Path, size: int) -> dict[str, Path]:
@@ -110,7 +115,7 @@ def case(cache: Path, size: int, source: str, batch: int, warmup: int, steps: in
 
     tf.constant(0)  # initialise the runtime before the baseline
     p = _paths(cache, size)
-    base = _rss()
+    base = _memory("VmRSS")
     start = time.perf_counter()
     if source == "coco":
         spec, data = load_coco_records(p["json"], p["images"], spec=pin_spec())
@@ -122,7 +127,7 @@ def case(cache: Path, size: int, source: str, batch: int, warmup: int, steps: in
     it = iter(ds)
     next(it)
     first = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _memory("VmHWM")
     for _ in range(warmup):
         next(it)
     t0 = time.perf_counter()

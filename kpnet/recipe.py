@@ -30,7 +30,7 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -38,6 +38,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
@@ -120,14 +121,18 @@ def _item_annotation(annotation: Any, index: int) -> Any:
 
 
 # --------------------------------------------------------------------------- data
-class CocoSource(_Strict):
-    """COCO-format keypoint json files and their image folders."""
+#: A path that stays a string when it is a URL (``gs://bucket/x``; ``Path`` would drop a slash).
+URL = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9+.-]*://")]
 
-    train_annotations: Path
-    train_images: Path
-    val_annotations: Path | None = None
-    val_images: Path | None = None
-    val_boxes: Path | None = None  # detections json for evaluation (default: GT boxes)
+
+class CocoSource(_Strict):
+    """COCO-format keypoint json files and their image folders (local paths or URLs)."""
+
+    train_annotations: URL | Path
+    train_images: URL | Path
+    val_annotations: URL | Path | None = None
+    val_images: URL | Path | None = None
+    val_boxes: URL | Path | None = None  # detections json for evaluation (default: GT boxes)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # split off train when no val json
     split_seed: int = 0
     score_threshold: float = Field(0.0, ge=0.0, le=1.0)
@@ -221,7 +226,7 @@ class ModelSection(_Strict):
     backbone_weights: str | None = None  # null | imagenet | path to a weights file
     input_size: tuple[int, int] = (256, 192)
     pyramid_channels: int = Field(256, ge=1)
-    init_from: Path | None = None
+    init_from: URL | Path | None = None
     bn_momentum: float = Field(0.9, gt=0.0, lt=1.0)  # BatchNorm moving-average momentum
 
     @model_validator(mode="after")
@@ -534,6 +539,8 @@ def _resolve_paths(recipe: Recipe, base: Path, over_keys: Sequence[str]) -> None
     for key, section, name in _path_fields(recipe):
         value = getattr(section, name)
         if value is None or (name == "backbone_weights" and value == "imagenet"):
+            continue
+        if isinstance(value, str) and _URL.match(value):  # a URL stays as it is
             continue
         p = Path(value).expanduser()
         if not p.is_absolute():
