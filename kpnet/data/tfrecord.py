@@ -336,13 +336,18 @@ class _StreamBuilder(pl._Builder):
         tables = list(blk.epoch_tables(epoch, tf.range(n_images)))
         local = tables[-1]
         tables[-1] = local.with_flat_values(tf.gather(p["index"], local.flat_values))
-        hw = tf.RaggedTensor.from_row_splits(tf.gather(p["hw"], blk.member_group), splits,
-                                             validate=False)  # fmt: skip
-        return (*tables, hw)
+        hw = tf.RaggedTensor.from_row_splits(
+            tf.gather(p["hw"], blk.member_group), splits, validate=False
+        )
+        # padded, not ragged: unbatching ragged elements costs ~0.4 ms per image
+        dense = [t.to_tensor() if isinstance(t, tf.RaggedTensor) else t for t in (*tables, hw)]
+        return (*dense, counts)
 
     def load_streamed(self, *tables):
-        *head, hw = tables
-        return (*self.load(*head), hw)
+        """:meth:`load` of one image of a :meth:`block` (padded instances cut back)."""
+        *head, hw, count = tables
+        head[4:] = [t[:count] for t in head[4:]]  # per instance: warps ... record indices
+        return (*self.load(*head), hw[:count])
 
 
 def build_tfrecord_dataset(
