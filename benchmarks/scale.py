@@ -13,7 +13,8 @@ json, and the same data converted to TFRecords (``kpnet data convert --to tfreco
   memory after importing TensorFlow and kpnet (``VmHWM`` / ``VmRSS``, Linux);
 - ``images_per_s`` / ``instances_per_s``: steady state, after ``--warmup`` batches, over
   ``--steps`` batches of ``--batch`` crops (input 128x96, the default augmentation), on all
-  the cores TensorFlow takes (a shared machine makes these noisy; compare within one run).
+  the cores TensorFlow takes, per wall-clock second and per CPU-second of the process (the
+  steadier figure on a shared machine; both are noisy there: compare within one run).
 
 Usage:
     python benchmarks/scale.py --sizes 10000,100000           # a few minutes
@@ -130,13 +131,14 @@ def case(cache: Path, size: int, source: str, batch: int, warmup: int, steps: in
     peak = _memory("VmHWM")
     for _ in range(warmup):
         next(it)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for _ in range(steps):
         next(it)
     rate = steps * batch / (time.perf_counter() - t0)
+    per_cpu = steps * batch / PER_IMAGE / (time.process_time() - cpu0)
     return {"first_batch_s": round(first, 2), "extra_memory_mb": round((peak - base) / 2**20),
-            "instances_per_s": round(rate, 1),
-            "images_per_s": round(rate / PER_IMAGE, 1)}  # fmt: skip
+            "instances_per_s": round(rate, 1), "images_per_s": round(rate / PER_IMAGE, 1),
+            "images_per_cpu_s": round(per_cpu, 1)}  # fmt: skip
 
 
 def main() -> None:
@@ -147,7 +149,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=16)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--sources", default="coco,tfrecord")
     parser.add_argument("--case", nargs=2, metavar=("SIZE", "SOURCE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -169,9 +171,10 @@ def main() -> None:
                 row[source] = {"error": out.stderr.strip().splitlines()[-1:]}
             else:
                 row[source] = json.loads(out.stdout.strip().splitlines()[-1])
-        if "coco" in row and "tfrecord" in row and "images_per_s" in row["tfrecord"]:
-            row["tfrecord_vs_coco_images_per_s"] = round(
-                row["tfrecord"]["images_per_s"] / row["coco"]["images_per_s"], 2)  # fmt: skip
+        if "images_per_s" in row.get("coco", {}) and "images_per_s" in row.get("tfrecord", {}):
+            for key in ("images_per_s", "images_per_cpu_s"):
+                row[f"tfrecord_vs_coco_{key}"] = round(
+                    row["tfrecord"][key] / row["coco"][key], 2)  # fmt: skip
         results.append(row)
         print(json.dumps(row), flush=True)
     config = {"input_size": INPUT_SIZE, "image_size": IMAGE_SIZE, "instances_per_image": PER_IMAGE,
