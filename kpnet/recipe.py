@@ -355,11 +355,16 @@ class Recipe(_Strict):
         """Raise RecipeError naming the key of every input path that does not exist."""
         from kpnet import fs
 
-        missing = [
-            f"{self._source}: {key}: file not found: {path}"
-            for key, path in _input_paths(self)
-            if not fs.exists(path)
-        ]
+        missing = []
+        for key, path in _input_paths(self):
+            try:
+                found = fs.exists(path)
+            except Exception as err:  # a URL whose filesystem cannot be reached  # noqa: BLE001
+                reason = str(getattr(err, "message", err)).splitlines()[0][:200]
+                missing.append(f"{self._source}: {key}: cannot check {path} ({reason})")
+                continue
+            if not found:
+                missing.append(f"{self._source}: {key}: file not found: {path}")
         if missing:
             raise RecipeError("\n".join(missing))
 
@@ -498,7 +503,9 @@ def _format_errors(err: ValidationError, path: Path, over_keys: Sequence[str]) -
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic adds union members ("dict[str,any]", "literal['coco17']") to the location.
-    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"})
+    return isinstance(part, str) and (
+        "[" in part or part in {"str", "int", "float", "bool", "constrained-str"}
+    )
 
 
 def _did_you_mean(loc: Sequence[str]) -> str:

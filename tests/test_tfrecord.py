@@ -317,3 +317,30 @@ def test_multi_worker_fit_from_tfrecords(tmp_path):
     for name in ("last.keras", "history.csv", "metrics.json", "backup"):
         assert (run / name).exists(), name
     assert (run / ".workers" / "worker-1" / "backup" / "training_metadata.json").is_file()
+
+
+def test_recipe_keeps_urls_and_checks_them(tmp_path):
+    from kpnet.recipe import RecipeError, load_recipe
+
+    root = _ram("recipe")
+    fs.write_atomic(fs.join(root, "train", "index.json"), "{}")
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "data: {source: tfrecord, tfrecord: {train: " + fs.join(root, "train") + ", val: v}}\n"
+        "model: {init_from: " + fs.join(root, "best.keras") + "}\n"
+    )
+    recipe = load_recipe(path)
+    assert recipe.data.tfrecord.train == fs.join(root, "train")  # not ram:/...
+    assert recipe.data.tfrecord.val == str(tmp_path / "v")  # local: relative to the recipe
+    assert recipe.model.init_from == fs.join(root, "best.keras")
+    with pytest.raises(RecipeError) as err:
+        recipe.check_files()
+    assert str(err.value).splitlines() == [
+        f"{path}: data.tfrecord.val: file not found: {tmp_path / 'v'}",
+        f"{path}: model.init_from: file not found: {fs.join(root, 'best.keras')}",
+    ]  # the ram:// training set exists
+    coco = load_recipe(path, ["data.source=coco", "data.tfrecord=null",
+                              f"data.coco.train_annotations={root}/a.json",
+                              "data.coco.train_images=gs://bucket/images"])  # fmt: skip
+    assert coco.data.coco.train_images == "gs://bucket/images"
+    assert coco.data.coco.train_annotations == f"{root}/a.json"

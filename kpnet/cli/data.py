@@ -37,6 +37,11 @@ def load_source(
     ``allow_outside_root``: a COCO ``file_name`` may leave the image folder.
     """
     path = Path(source)
+    if (path / "index.json").is_file():
+        raise DataError(
+            f"{path}: is a TFRecord set (kpnet data convert --to tfrecord); give the source "
+            "it was converted from, or train from it with data.source: tfrecord"
+        )
     if path.is_dir() or path.suffix.lower() == ".csv":
         from kpnet.data.dlc import load_dlc_records
 
