@@ -264,9 +264,9 @@ def test_cli_convert_to_tfrecord_and_fit_from_it(tmp_path):
     assert metrics["overall"]["count"] > 0 and np.isfinite(metrics["overall"]["mean"])
 
 
-@pytest.mark.slow  # about 60 s on 2 cores: the docs/scaling.md run, two local workers
+@pytest.mark.slow  # 1-6 min on 2 shared cores: the docs/scaling.md run, two local workers
 def test_multi_worker_fit_from_tfrecords(tmp_path):
-    """docs/scaling.md end to end: convert, then one ``python -m kpnet fit`` per worker with
+    """docs/scaling.md end to end: convert, then one ``python -m kpnet.cli fit`` per worker with
     its TF_CONFIG; each worker streams its own shard, the chief writes the run folder."""
     import os
     import socket
@@ -300,7 +300,7 @@ def test_multi_worker_fit_from_tfrecords(tmp_path):
     for index in range(2):
         tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "kpnet", "fit", str(recipe), "-o", str(tmp_path / "run")],
+            [sys.executable, "-m", "kpnet.cli", "fit", str(recipe), "-o", str(tmp_path / "run")],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, "TF_CONFIG": tf_config, "TF_CPP_MIN_LOG_LEVEL": "2"},
         ))  # fmt: skip
