@@ -13,7 +13,9 @@ How it works:
 1. records are grouped by image file, so an image holding several instances is read and
    decoded ONCE (at evaluation consecutive records of one file form a group, keeping the
    record order; at training all of a file's records do); image sizes come from the file
-   headers, read up front;
+   headers, read up front (above :data:`CHECK_IMAGES_LIMIT` files, from the records: the
+   annotations' sizes); a :class:`kpnet.data.tfrecord.TFRecordSet` is streamed instead,
+   through the same geometry (:mod:`kpnet.data.tfrecord`);
 2. at the start of each epoch, ONE batched graph call gives every instance its [2, 3] affine
    matrix (image -> input crop, pixel centres at integer coordinates, see
    :mod:`kpnet.codec`) from its box (or the whole image) and the random augmentation
