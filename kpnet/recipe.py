@@ -30,7 +30,7 @@ import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -38,6 +38,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    StringConstraints,
     ValidationError,
     field_validator,
     model_validator,
@@ -121,14 +122,18 @@ def _item_annotation(annotation: Any, index: int) -> Any:
 
 
 # --------------------------------------------------------------------------- data
-class CocoSource(_Strict):
-    """COCO-format keypoint json files and their image folders."""
+#: A path that stays a string when it is a URL (``gs://bucket/x``; ``Path`` would drop a slash).
+URL = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9+.-]*://")]
 
-    train_annotations: Path
-    train_images: Path
-    val_annotations: Path | None = None
-    val_images: Path | None = None
-    val_boxes: Path | None = None  # detections json for evaluation (default: GT boxes)
+
+class CocoSource(_Strict):
+    """COCO-format keypoint json files and their image folders (local paths or URLs)."""
+
+    train_annotations: URL | Path
+    train_images: URL | Path
+    val_annotations: URL | Path | None = None
+    val_images: URL | Path | None = None
+    val_boxes: URL | Path | None = None  # detections json for evaluation (default: GT boxes)
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # split off train when no val json
     split_seed: int = 0
     score_threshold: float = Field(0.0, ge=0.0, le=1.0)
@@ -169,11 +174,22 @@ class SyntheticSource(_Strict):
     single_channel: bool = False
 
 
+class TFRecordSource(_Strict):
+    """Sharded TFRecord sets written by ``kpnet data convert SOURCE --to tfrecord -o DIR``.
+
+    Paths may be URLs (``gs://bucket/train``): they stay strings.
+    """
+
+    train: str  # folder holding index.json and the shards of the training set
+    val: str | None = None  # a converted validation set (read once into memory), or null
+
+
 class DataSection(_Strict):
-    source: Literal["coco", "dlc", "synthetic_pins"]
+    source: Literal["coco", "dlc", "synthetic_pins", "tfrecord"]
     coco: CocoSource | None = None
     dlc: DlcSource | None = None
     synthetic_pins: SyntheticSource | None = None
+    tfrecord: TFRecordSource | None = None
     spec: Literal["coco17"] | dict[str, Any] | None = None  # None: derived from the source
     mode: Literal["topdown", "whole", "random_crop", "two_stage"] = "topdown"
     padding: tuple[float, float] = DEFAULT_PADDING
@@ -212,7 +228,7 @@ class ModelSection(_Strict):
     backbone_weights: str | None = None  # null | imagenet | path to a weights file
     input_size: tuple[int, int] = (256, 192)
     pyramid_channels: int = Field(256, ge=1)
-    init_from: Path | None = None
+    init_from: URL | Path | None = None
     bn_momentum: float = Field(0.9, gt=0.0, lt=1.0)  # BatchNorm moving-average momentum
 
     @model_validator(mode="after")
@@ -340,11 +356,18 @@ class Recipe(_Strict):
 
     def check_files(self) -> None:
         """Raise RecipeError naming the key of every input path that does not exist."""
-        missing = [
-            f"{self._source}: {key}: file not found: {path}"
-            for key, path in _input_paths(self)
-            if not Path(path).exists()
-        ]
+        from kpnet import fs
+
+        missing = []
+        for key, path in _input_paths(self):
+            try:
+                found = fs.exists(path)
+            except Exception as err:  # a URL whose filesystem cannot be reached  # noqa: BLE001
+                reason = str(getattr(err, "message", err)).splitlines()[0][:200]
+                missing.append(f"{self._source}: {key}: cannot check {path} ({reason})")
+                continue
+            if not found:
+                missing.append(f"{self._source}: {key}: file not found: {path}")
         if missing:
             raise RecipeError("\n".join(missing))
 
@@ -483,7 +506,9 @@ def _format_errors(err: ValidationError, path: Path, over_keys: Sequence[str]) -
 
 def _is_union_tag(part: Any) -> bool:
     # pydantic adds union members ("dict[str,any]", "literal['coco17']") to the location.
-    return isinstance(part, str) and ("[" in part or part in {"str", "int", "float", "bool"})
+    return isinstance(part, str) and (
+        "[" in part or part in {"str", "int", "float", "bool", "constrained-str"}
+    )
 
 
 def _did_you_mean(loc: Sequence[str]) -> str:
@@ -525,10 +550,24 @@ def _resolve_paths(recipe: Recipe, base: Path, over_keys: Sequence[str]) -> None
         value = getattr(section, name)
         if value is None or (name == "backbone_weights" and value == "imagenet"):
             continue
+        if isinstance(value, str) and _URL.match(value):  # a URL stays as it is
+            continue
         p = Path(value).expanduser()
         if not p.is_absolute():
             p = Path(os.path.normpath((cwd if key in over_keys else base) / p))
         setattr(section, name, str(p) if name == "backbone_weights" else p)
+    tfr = recipe.data.tfrecord
+    for name in ("train", "val") if tfr is not None else ():
+        value = getattr(tfr, name)
+        if value is not None and not _URL.match(value):  # URLs stay as they are
+            p = Path(value).expanduser()
+            key = f"data.tfrecord.{name}"
+            if not p.is_absolute():
+                p = Path(os.path.normpath((cwd if key in over_keys else base) / p))
+            setattr(tfr, name, str(p))
+
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def _path_fields(recipe: Recipe) -> list[tuple[str, BaseModel, str]]:
@@ -546,7 +585,9 @@ def _path_fields(recipe: Recipe) -> list[tuple[str, BaseModel, str]]:
 
 
 def _input_paths(recipe: Recipe) -> list[tuple[str, str]]:
-    out = []
+    tfr = recipe.data.tfrecord
+    out = [(f"data.tfrecord.{n}", getattr(tfr, n)) for n in ("train", "val")
+           if tfr is not None and getattr(tfr, n) is not None]  # fmt: skip
     for key, section, name in _path_fields(recipe):
         value = getattr(section, name)
         if value is None or key == "data.synthetic_pins.cache_dir" or value == "imagenet":

@@ -738,13 +738,16 @@ def _precise_bn(run: _Run) -> keras.callbacks.Callback | None:
     of a DLC project both precise variants measured alike (44.0 / 44.1 px)."""
     from kpnet.batchnorm import PreciseBN
     from kpnet.data.pipeline import build_dataset
+    from kpnet.data.tfrecord import TFRecordSet
 
-    t, records = run.recipe.train, list(run.train_records)
+    t, records = run.recipe.train, run.train_records
+    if not isinstance(records, TFRecordSet):  # a TFRecord set streams: no subset to pick
+        records = list(records)
     if not t.precise_bn_batches or not records:
         return None
     batches = min(t.precise_bn_batches, math.ceil(len(records) / t.batch_size))
     cap = 4 * batches * t.batch_size  # a large set: a fixed random subset, checked once
-    if len(records) > cap:
+    if len(records) > cap and not isinstance(records, TFRecordSet):
         keep = np.random.default_rng(t.seed).choice(len(records), cap, replace=False)
         records = [records[i] for i in sorted(keep)]
     config = pipeline_config(run.recipe)

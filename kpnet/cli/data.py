@@ -7,6 +7,7 @@ DeepLabCut project folder.
 Example:
     kpnet data check coco/annotations/person_keypoints_val2017.json
     kpnet data convert my-dlc-project -o my-dlc-project/coco.json
+    kpnet data convert train.json --images train/ --to tfrecord -o data/train --shards 8
     kpnet data preview my-dlc-project --out preview/ -n 16 --input-size 256x256
 """
 
@@ -37,6 +38,11 @@ def load_source(
     ``allow_outside_root``: a COCO ``file_name`` may leave the image folder.
     """
     path = Path(source)
+    if (path / "index.json").is_file():
+        raise DataError(
+            f"{path}: is a TFRecord set (kpnet data convert --to tfrecord); give the source "
+            "it was converted from, or train from it with data.source: tfrecord"
+        )
     if path.is_dir() or path.suffix.lower() == ".csv":
         from kpnet.data.dlc import load_dlc_records
 
@@ -141,24 +147,71 @@ def check(
 
 
 @data.command("convert")
-@click.argument("project", type=click.Path(exists=True, file_okay=False))
-@click.option("-o", "--out", "out_json", type=click.Path(dir_okay=False), required=True,
-              help="COCO json to write.")  # fmt: skip
+@click.argument("source", type=click.Path(exists=True))
+@click.option("-o", "--out", "out", required=True,
+              help="COCO json to write (--to coco), or a folder (--to tfrecord; a URL "
+                   "such as gs://bucket/train works).")  # fmt: skip
+@click.option("--to", "to", type=click.Choice(["coco", "tfrecord"]), default="coco",
+              show_default=True, help="coco: a DLC project as COCO json; tfrecord: any "
+              "SOURCE as sharded TFRecords (image bytes + instances), with index.json.")
+@click.option("--shards", type=click.IntRange(1), default=None,
+              help="TFRecord files to write (default: one per 128 MB of images); use at "
+                   "least one per training worker.")  # fmt: skip
+@click.option("--images", type=click.Path(exists=True, file_okay=False),
+              help="Image folder of a COCO json (--to tfrecord).")  # fmt: skip
+@click.option("--on-error", type=click.Choice(["skip", "raise"]), default="raise",
+              show_default=True,
+              help="Skip bad records and images, or stop (--to tfrecord).")  # fmt: skip
 @click.option("--box", type=click.Choice(["keypoints", "image"]), default="keypoints",
               show_default=True, help="Box: labelled extent + margin, or whole image.")  # fmt: skip
 @click.option("--margin", type=float, default=0.2, show_default=True,
               help="Box margin as a fraction of the keypoints' extent.")  # fmt: skip
-def convert(project: str, out_json: str, box: str, margin: float) -> None:
-    """Convert a DeepLabCut PROJECT to a COCO keypoints json (file names relative to PROJECT)."""
+def convert(
+    source: str, out: str, to: str, shards: int | None, images: str | None, on_error: str,
+    box: str, margin: float,
+) -> None:  # fmt: skip
+    """Convert SOURCE: a DeepLabCut project to a COCO keypoints json (file names relative
+    to the project), or any SOURCE (COCO json, DLC project, label CSV) to TFRecords.
+
+    \b
+    kpnet data convert my-dlc-project -o my-dlc-project/coco.json
+    kpnet data convert coco/annotations/person_keypoints_train2017.json --to tfrecord \\
+        -o gs://bucket/coco-train --shards 64
+    """
+    if to == "tfrecord":
+        _convert_tfrecord(source, out, shards, images, on_error)
+        return
+    if not Path(source).is_dir():
+        raise click.ClickException(
+            f"{source}: --to coco converts a DeepLabCut project folder; for a json or CSV "
+            "use --to tfrecord"
+        )
     from kpnet.data.dlc import dlc_to_coco
 
     try:
-        coco = dlc_to_coco(project, out_json, box=box, margin=margin)
+        coco = dlc_to_coco(source, out, box=box, margin=margin)
     except DataError as err:
         raise click.ClickException(str(err)) from None
     click.echo(
         f"wrote {len(coco['annotations'])} instances in {len(coco['images'])} images to "
-        f"{out_json} (load with image dir {project})"
+        f"{out} (load with image dir {source})"
+    )
+
+
+def _convert_tfrecord(
+    source: str, out: str, shards: int | None, images: str | None, on_error: str
+) -> None:
+    from kpnet.data.tfrecord import write_tfrecords
+
+    spec, records = _load_or_fail(source, images, on_error)
+    try:
+        tset = write_tfrecords(records, spec, out, shards, on_error, source=str(source))
+    except DataError as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(
+        f"wrote {len(tset)} instances in {tset.num_images} images to {len(tset.files)} "
+        f"TFRecord file(s) in {out} (train with data.source: tfrecord, data.tfrecord.train: "
+        f"{out})"
     )
 
 

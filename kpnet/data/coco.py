@@ -28,12 +28,14 @@ import io
 import json
 import logging
 import os
+import posixpath
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kpnet import fs
 from kpnet.data.check import LoadReport, Records, check_on_error, outside_root
 from kpnet.data.records import DataError, InstanceRecord
 from kpnet.spec import COCO17_NAMES, KeypointSpec
@@ -76,7 +78,7 @@ def load_coco_records(
     spec = spec if spec is not None else spec_from_category(cat, annotation_file)
     _warn_name_mismatch(cat, spec, annotation_file)
     report = LoadReport(source=str(annotation_file))
-    image_dir = ImageDir(Path(image_dir), allow_outside_root)
+    image_dir = ImageDir(image_dir, allow_outside_root)
     if boxes_file is None:
         records = _gt_records(coco, cat["id"], spec, image_dir, report, on_error)
     else:
@@ -180,9 +182,10 @@ def _name_words(name: str) -> list[str]:
 
 # --------------------------------------------------------------------------- reading
 def _read_json(path: PathLike) -> Any:
+    if not fs.isfile(path):
+        raise DataError(f"{path}: file not found")
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(fs.read_bytes(path))
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except json.JSONDecodeError as err:
@@ -357,7 +360,7 @@ def _checked_record(
     if box[2] <= 0 or box[3] <= 0:
         report.bad("zero_area", f"{where}: zero-area bbox {box.tolist()}", on_error)
         return None
-    if not os.path.isfile(path):
+    if not image_dir.exists(path):
         report.bad("missing_image", f"{where}: image file not found", on_error)
         return None
     size = (int(image["height"]), int(image["width"])) if "height" in image else None
@@ -385,10 +388,23 @@ class ImageDir:
         ('/srv/img.jpg', False)
     """
 
-    def __init__(self, root: Path, allow_outside: bool = False):
-        self.root, self.allow_outside = root, allow_outside
+    def __init__(self, root: PathLike, allow_outside: bool = False):
+        self.root = os.fspath(root) if fs.is_url(root) else Path(root)  # a URL stays a string
+        self.allow_outside = allow_outside
+        self._found: dict[str, bool] = {}
 
     def path(self, file_name: Any) -> tuple[str, bool]:
         """(the image's path, True when it is outside the folder and that is not allowed)."""
-        path = str(self.root / str(file_name))
+        if isinstance(self.root, str):
+            scheme, rest = self.root.split("://", 1)
+            path = f"{scheme}://{posixpath.normpath(posixpath.join(rest, str(file_name)))}"
+        else:
+            path = str(self.root / str(file_name))
         return path, not self.allow_outside and outside_root(self.root, path)
+
+    def exists(self, path: str) -> bool:
+        """Whether the image file exists (asked once per file: annotations share images)."""
+        found = self._found.get(path)
+        if found is None:
+            found = self._found[path] = fs.isfile(path)
+        return found

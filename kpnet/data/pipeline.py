@@ -13,7 +13,9 @@ How it works:
 1. records are grouped by image file, so an image holding several instances is read and
    decoded ONCE (at evaluation consecutive records of one file form a group, keeping the
    record order; at training all of a file's records do); image sizes come from the file
-   headers, read up front;
+   headers, read up front (above :data:`CHECK_IMAGES_LIMIT` files, from the records: the
+   annotations' sizes); a :class:`kpnet.data.tfrecord.TFRecordSet` is streamed instead,
+   through the same geometry (:mod:`kpnet.data.tfrecord`);
 2. at the start of each epoch, ONE batched graph call gives every instance its [2, 3] affine
    matrix (image -> input crop, pixel centres at integer coordinates, see
    :mod:`kpnet.codec`) from its box (or the whole image) and the random augmentation
@@ -58,7 +60,7 @@ import cv2
 import numpy as np
 import tensorflow as tf
 
-from kpnet import codec
+from kpnet import codec, fs
 from kpnet.crops import reduced_matrices, reduction_ratios, sample_crops
 from kpnet.data import augment as aug
 from kpnet.data.records import DataError, InstanceRecord
@@ -162,14 +164,16 @@ def _jpeg_hw(f) -> tuple[int, int] | None:
 def _inspect(path: str) -> tuple[str | None, tuple[int, int], bool]:
     """(why the image file is unusable or None, (H, W), is JPEG); cheap: header + tail."""
     try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
+        size = fs.size(path)
+        with fs.open_file(path, "rb") as f:
             head = f.read(24)
             hw = _jpeg_hw(f) if head.startswith(_JPEG) else None
             f.seek(max(size - 12, 0))
             tail = f.read()
     except OSError as err:
         return f"cannot read the image file ({err.strerror or err})", (0, 0), False
+    except tf.errors.OpError as err:  # a URL (tf.io.gfile)
+        return f"cannot read the image file ({err.message.splitlines()[0]})", (0, 0), False
     is_jpeg = head.startswith(_JPEG)
     if size == 0:
         return "the image file is empty", (0, 0), False
@@ -190,9 +194,23 @@ def _inspect(path: str) -> tuple[str | None, tuple[int, int], bool]:
     return None, hw, is_jpeg
 
 
-def _check_files(records: Sequence[InstanceRecord], on_error: str):
-    """(indices of records with a usable image, {path: ((H, W), is JPEG)}); DataError if bad."""
+#: ``check_images=None`` opens every image up front only up to this many image files;
+#: larger sets take image sizes from their records (the annotations) when all have one.
+CHECK_IMAGES_LIMIT = 10_000
+
+
+def _check_files(records: Sequence[InstanceRecord], on_error: str, check: bool | None = None):
+    """(indices of records with a usable image, {path: ((H, W), is JPEG)}); DataError if bad.
+
+    ``check`` False (None: more than :data:`CHECK_IMAGES_LIMIT` files) takes sizes from the
+    records' ``image_size`` and JPEG / PNG from the file name, opening no file, when every
+    record has a size and a ``.jpg`` / ``.jpeg`` / ``.png`` name (else it opens them all).
+    """
     paths = sorted({r.image_path for r in records})
+    if check is False or (check is None and len(paths) > CHECK_IMAGES_LIMIT):
+        known = _known_sizes(records)
+        if known is not None:
+            return np.arange(len(records), dtype=np.int64), known
     with ThreadPoolExecutor(8) as pool:
         found = dict(zip(paths, pool.map(_inspect, paths), strict=True))
     bad = {p: why for p, (why, _, _) in found.items() if why}
@@ -212,6 +230,18 @@ def _check_files(records: Sequence[InstanceRecord], on_error: str):
             *next(iter(bad.items())),
         )
     return keep, {p: (hw, jpeg) for p, (why, hw, jpeg) in found.items() if not why}
+
+
+def _known_sizes(records: Sequence[InstanceRecord]) -> dict[str, tuple[tuple[int, int], bool]]:
+    """{path: ((H, W), is JPEG)} from the records alone, or None if one lacks a size or a
+    ``.jpg`` / ``.jpeg`` / ``.png`` name."""
+    known: dict[str, tuple[tuple[int, int], bool]] = {}
+    for r in records:
+        ext = os.path.splitext(r.image_path)[1].lower()
+        if r.image_size is None or ext not in (".jpg", ".jpeg", ".png") or min(r.image_size) <= 0:
+            return None
+        known[r.image_path] = ((int(r.image_size[0]), int(r.image_size[1])), ext != ".png")
+    return known
 
 
 def _group(records: Sequence[InstanceRecord], keep: np.ndarray, consecutive: bool):
@@ -328,8 +358,12 @@ def _crops(image, warps, colors, color_m, out_hw, fill_value) -> np.ndarray:
 class _Builder:
     """Holds the constant tables and the graph functions of one dataset."""
 
-    def __init__(self, records, spec, config, training, seed, paths, members, sizes, kps, boxes):
+    on_error = "raise"
+
+    def __init__(self, records, spec, config, training, seed, paths, members, sizes, kps, boxes,
+                 on_error: str = "raise"):  # fmt: skip
         self.spec, self.config, self.training, self.seed = spec, config, training, int(seed)
+        self.on_error = on_error
         self.seed_t = tf.constant(self.seed, tf.int64)
         self.paths = tf.constant(paths)
         self.is_jpeg = tf.constant([sizes[p][1] for p in paths])
@@ -352,6 +386,10 @@ class _Builder:
                 "augment.half_body_prob > 0 needs augment.upper_body for a non-COCO spec"
             )
         self.albu = aug.AlbumentationsOp(a.photometric) if a.photometric else None
+
+    def image_hw(self, idx: tf.Tensor, *extra: tf.Tensor) -> tf.Tensor:
+        """[B, 2] (H, W) of the images of records ``idx`` (the ``image_hw`` meta)."""
+        return tf.gather(self.record_hw, idx)
 
     # -- geometry ---------------------------------------------------------------------
     def _random_window(self, box: tf.Tensor, hw: tf.Tensor, seed: tf.Tensor):
@@ -449,6 +487,10 @@ class _Builder:
         per_image = [self.paths, branch, window, *per_instance]
         return (tf.fill(tf.shape(order), epoch), *(tf.gather(t, order) for t in per_image))
 
+    def read(self, path: tf.Tensor) -> tf.Tensor:
+        """The encoded image: the file ``path`` (TFRecords hold the bytes themselves)."""
+        return tf.io.read_file(path)
+
     def load(self, epoch, path, branch, window, warps, colors, color_m, m, keypoints, idx):
         """One image: read, decode (its window) once, crop (and jitter) all its instances.
 
@@ -457,13 +499,13 @@ class _Builder:
         (DCT-reduced) and warps with OpenCV (faster; augmented anyway).
         """
         if not self.training:
-            image = tf.io.decode_image(tf.io.read_file(path), channels=3,
+            image = tf.io.decode_image(self.read(path), channels=3,
                                        expand_animations=False)  # fmt: skip
             crops = sample_crops(image[None], m, self.config.input_size,
                                  image_index=tf.zeros_like(idx, tf.int32),
                                  fill_value=self.config.fill_value)  # fmt: skip
             return crops, keypoints, m, idx, tf.fill(tf.shape(idx), epoch)
-        image = _decode_window(tf.io.read_file(path), window, branch)
+        image = _decode_window(self.read(path), window, branch)
         crop_fn = functools.partial(_crops, out_hw=self.config.input_size,
                                     fill_value=self.config.fill_value)  # fmt: skip
         crops = tf.numpy_function(crop_fn, [image, warps, colors, color_m], tf.uint8,
@@ -471,10 +513,10 @@ class _Builder:
         crops = tf.ensure_shape(crops, [None, *self.config.input_size, 3])
         return crops, keypoints, m, idx, tf.fill(tf.shape(idx), epoch)
 
-    def albumentations(self, image, keypoints, m, idx, epoch):
+    def albumentations(self, image, keypoints, m, idx, epoch, *extra):
         """The configured albumentations on one uint8 crop, seeded per record and epoch."""
         image = self.albu.apply(image, (epoch * self.num_records + idx) * 7919 + self.seed)
-        return image, keypoints, m, idx, epoch
+        return image, keypoints, m, idx, epoch, *extra
 
     def epochs(self, shuffle: bool, repeat: bool) -> tf.data.Dataset:
         """Per image :meth:`epoch_tables`; images permuted per epoch (stateless) if shuffling."""
@@ -507,11 +549,14 @@ def build_dataset(
     input_context: tf.distribute.InputContext | None = None,
     on_error: str = "raise",
     drop_remainder: bool | None = None,
+    check_images: bool | None = None,
 ) -> tf.data.Dataset:
     """A batched tf.data pipeline of input crops and heatmap-coordinate keypoints.
 
     Args:
-        records: instances (any source); image files are checked up front.
+        records: instances (any source); image files are checked up front. A
+            :class:`kpnet.data.tfrecord.TFRecordSet` streams its TFRecord files instead
+            (:func:`kpnet.data.tfrecord.build_tfrecord_dataset`, same arguments).
         spec: the keypoint spec (K keypoints, flip pairs).
         config: geometry and augmentation (:class:`PipelineConfig`).
         batch_size: the GLOBAL batch size. With ``input_context`` the dataset batches
@@ -530,6 +575,10 @@ def build_dataset(
         input_context: see ``batch_size``.
         on_error: ``"raise"`` (DataError naming file and record) or ``"skip"`` (drop them).
         drop_remainder: drop a last partial batch (default: ``training``).
+        check_images: open every image file up front (size, format, truncation); None:
+            only up to :data:`CHECK_IMAGES_LIMIT` files, beyond that the records' image
+            sizes (the annotations') are used when every record has one, so start-up does
+            not read the whole dataset (a bad file then fails, or is skipped, in tf.data).
 
     Returns:
         ``(images [B,H,W,3], keypoints float32 [B,K,3])``, plus ``meta`` if asked; images
@@ -539,13 +588,21 @@ def build_dataset(
         raise ValueError(f"on_error: {on_error!r} is not 'raise' or 'skip'")
     if int(batch_size) <= 0:
         raise ValueError(f"batch_size: must be > 0, got {batch_size}")
+    from kpnet.data.tfrecord import TFRecordSet, build_tfrecord_dataset
+
+    if isinstance(records, TFRecordSet):
+        return build_tfrecord_dataset(
+            records, spec, config, batch_size, training, seed=seed, shuffle=shuffle,
+            repeat=repeat, with_meta=with_meta, input_context=input_context,
+            on_error=on_error, drop_remainder=drop_remainder,
+        )  # fmt: skip
     records = list(records)
     if not records:
         raise DataError("build_dataset: no records (check the annotation file and filters)")
     shuffle = training if shuffle is None else bool(shuffle)
     drop_remainder = training if drop_remainder is None else bool(drop_remainder)
     kps, boxes = _record_arrays(records, spec)
-    keep, sizes = _check_files(records, on_error)
+    keep, sizes = _check_files(records, on_error, check_images)
     paths, members = _group(records, keep, consecutive=not shuffle)
     if not paths:
         raise DataError("build_dataset: every record's image file is unusable")
@@ -558,8 +615,22 @@ def build_dataset(
             f"build_dataset: {sum(map(len, members))} instances are fewer than one batch of "
             f"{batch_size} with drop_remainder; lower the batch size or pass repeat=True"
         )
-    b = _Builder(records, spec, config, training, seed, paths, members, sizes, kps, boxes)
+    b = _Builder(records, spec, config, training, seed, paths, members, sizes, kps, boxes,
+                 on_error)  # fmt: skip
     ds = b.epochs(shuffle, repeat).map(b.load, num_parallel_calls=AUTOTUNE, deterministic=True)
+    num = sum(map(len, members)) if not repeat and on_error == "raise" else None
+    return _finish(ds, b, batch_size, training, shuffle, drop_remainder, with_meta, seed,
+                   num, input_context is not None)  # fmt: skip
+
+
+def _finish(ds, b, batch_size, training, shuffle, drop_remainder, with_meta, seed,
+            num_instances: int | None, sharded: bool) -> tf.data.Dataset:  # fmt: skip
+    """Per-image ``b.load`` outputs -> instances -> albumentations, shuffle, batches, meta.
+
+    ``num_instances``: one pass's instances (a known length for Keras), else None;
+    ``sharded``: each input pipeline already reads its own share (auto-shard OFF).
+    """
+    config, on_error = b.config, b.on_error
     if on_error == "skip":
         ds = ds.ignore_errors(log_warning=True)
     ds = ds.unbatch()
@@ -569,19 +640,19 @@ def build_dataset(
         ds = ds.shuffle(config.shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder, num_parallel_calls=AUTOTUNE,
                   deterministic=True)  # fmt: skip
-    if not repeat and on_error == "raise":  # known length: Keras sizes epochs without warnings
+    if num_instances is not None:  # known length: Keras sizes epochs without warnings
         ds = ds.apply(tf.data.experimental.assert_cardinality(
-            _num_batches(sum(map(len, members)), batch_size, drop_remainder)))  # fmt: skip
+            _num_batches(num_instances, batch_size, drop_remainder)))  # fmt: skip
     if with_meta:
-        ds = ds.map(lambda im, kp, m, i, e: (
-            im, kp, {"affine": m, "index": i, "image_hw": tf.gather(b.record_hw, i)}))
+        ds = ds.map(lambda im, kp, m, i, e, *extra: (
+            im, kp, {"affine": m, "index": i, "image_hw": b.image_hw(i, *extra)}))  # fmt: skip
     else:
-        ds = ds.map(lambda im, kp, m, i, e: (im, kp))
+        ds = ds.map(lambda im, kp, m, i, e, *extra: (im, kp))
     options = tf.data.Options()
     options.deterministic = True
     options.experimental_distribute.auto_shard_policy = (
         tf.data.experimental.AutoShardPolicy.OFF
-        if input_context is not None
+        if sharded
         else tf.data.experimental.AutoShardPolicy.DATA
     )
     return ds.prefetch(AUTOTUNE).with_options(options)

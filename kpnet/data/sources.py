@@ -72,6 +72,8 @@ def load_data(
         except DataError as err:
             raise recipe.error("data.dlc", str(err)) from None
         return spec or dlc_spec, train, val
+    if data.source == "tfrecord":
+        return _load_tfrecord(recipe, spec)
     return _load_synthetic(data.synthetic_pins, spec, data.on_error)
 
 
@@ -113,6 +115,26 @@ def _load_synthetic(s, spec, on_error: str):
     _, train = load_coco_records(*paths["train"], spec=spec, on_error=on_error)
     _, val = load_coco_records(*paths["val"], spec=spec, on_error=on_error)
     return spec, list(train), list(val)
+
+
+def _load_tfrecord(recipe: Recipe, spec: KeypointSpec | None):
+    """(spec, the training :class:`~kpnet.data.tfrecord.TFRecordSet` (streamed, nothing
+    loaded), validation records (read into memory, images in a ``ram://`` folder))."""
+    from kpnet.data.records import DataError
+    from kpnet.data.tfrecord import load_tfrecord_set, read_records
+
+    t = recipe.data.tfrecord
+    try:
+        train = load_tfrecord_set(t.train)
+        val_set = load_tfrecord_set(t.val) if t.val is not None else None
+    except DataError as err:
+        raise recipe.error("data.tfrecord", str(err)) from None
+    _check_spec(recipe, spec, train.spec)
+    if val_set is not None and val_set.spec.num_keypoints != train.spec.num_keypoints:
+        raise recipe.error("data.tfrecord.val", f"{t.val} holds {val_set.spec.num_keypoints} "
+                           f"keypoints, the training set {train.spec.num_keypoints}")  # fmt: skip
+    val = read_records(val_set) if val_set is not None else []
+    return spec or train.spec, train, val
 
 
 def _check_spec(recipe: Recipe, spec: KeypointSpec | None, source: KeypointSpec) -> None:
