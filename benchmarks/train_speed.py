@@ -138,11 +138,16 @@ def build(args, spec, weights: bool = False):
     return model, build_losses(spec)
 
 
-def _compile(model, losses, precision: str) -> None:
+def _jit(args) -> bool | str:
+    return {"auto": "auto", "true": True, "false": False}[args.jit_compile]
+
+
+def _compile(model, losses, precision: str, jit_compile: bool | str = "auto") -> None:
     optimizer = keras.optimizers.Adam(5e-4)
     if precision == "mixed_float16":
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    model.compile(optimizer=optimizer, loss=losses[0], loss_weights=losses[1])
+    model.compile(optimizer=optimizer, loss=losses[0], loss_weights=losses[1],
+                  jit_compile=jit_compile)  # fmt: skip
 
 
 def _on_device(data):
@@ -209,7 +214,7 @@ def _loss_fn(losses, spec, batch: int, args, keypoints) -> Callable[[], Any]:
 
 def run_step(args, spec, precision: str, batch: int) -> dict:
     model, losses = build(args, spec)
-    _compile(model, losses, precision)
+    _compile(model, losses, precision, _jit(args))
     from kpnet.codec import OUTPUT_NAMES
 
     images, keypoints = synthetic_batch(batch, args.input_size, args.keypoints)
@@ -269,6 +274,8 @@ def run_fit(args, spec, precision: str, batch: int) -> dict:
         model = build_model(recipe, data_spec)
         configure_phase(model, recipe, data_spec, Phase(0, 0, 1, False), steps, set())
         model.steps_per_execution = args.steps_per_execution
+        if args.jit_compile != "auto":
+            model.jit_compile = _jit(args)
         times: list[float] = []
 
         class Timer(keras.callbacks.Callback):
@@ -322,6 +329,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--keypoints", type=int, default=17)
     parser.add_argument("--pyramid-channels", type=int, default=256)
     parser.add_argument("--steps-per-execution", type=int, default=1, help="fit case only")
+    parser.add_argument("--jit-compile", choices=("auto", "true", "false"), default="auto",
+                        help="XLA for the step (auto: Keras' choice, off for TF on a CPU)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="COCO folder (fit case)")
     args = parser.parse_args(argv)
     from kpnet.spec import KeypointSpec
