@@ -169,6 +169,6 @@ def torch_step(model: TorchCPN, batch: int, input_size, keypoints: int) -> Calla
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        return float(loss)
+        return float(loss.detach())
 
     return step

@@ -19,7 +19,10 @@ Cases (``--cases``, run in this order in ONE process, so their ratios are side b
 
 Every record has ``img_s`` (images per second) and ``step_ms`` (median over ``--steps``
 timed steps, after ``--warmup`` untimed ones), the backend, device and precision.
-``step_vs_torch`` (in ``summary``) is kpnet's step time over the PyTorch CPN's, same batch.
+``step_vs_torch`` (in ``summary``) is kpnet's step time over the PyTorch CPN's, same batch;
+with both ``step`` and ``torch``, a ``paired`` record times the two steps in alternation
+(``--paired-rounds``) and gives the median per-round ratio, the figure to quote on a shared
+machine.
 
 Usage:
     python benchmarks/train_speed.py                                    # CPU defaults
@@ -55,6 +58,8 @@ import numpy as np  # noqa: E402
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_mini"
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 CASES = ("step", "fit", "infer", "torch")
+#: Timed step functions kept for the paired rounds: (case, precision, batch) -> step.
+_STEPS: dict[tuple, Callable[[], Any]] = {}
 
 
 def device_name() -> str:
@@ -220,7 +225,9 @@ def run_step(args, spec, precision: str, batch: int) -> dict:
     images, keypoints = synthetic_batch(batch, args.input_size, args.keypoints)
     model.train_on_batch(images, {n: keypoints for n in OUTPUT_NAMES})  # builds all state
     data = _on_device((images, {n: keypoints for n in OUTPUT_NAMES}))
-    compile_s, step_s = _timed(_step_fn(model, data), args.warmup, args.steps)
+    step = _step_fn(model, data)
+    compile_s, step_s = _timed(step, args.warmup, args.steps)
+    _STEPS[("step", precision, batch)] = step
     loss_s = _timed(_loss_fn(losses, spec, batch, args, data[1]["refine"]), 1, args.steps)[1]
     return _record("step", args, precision, batch, step_s, first_call_s=round(compile_s, 1),
                    loss_ms=round(1000 * loss_s, 1),
@@ -307,6 +314,7 @@ def run_torch(args, batch: int) -> dict:
     model = model.to(memory_format=torch.channels_last)
     step = torch_step(model, batch, tuple(args.input_size), args.keypoints)
     first, seconds = _timed(step, args.warmup, args.steps)
+    _STEPS[("torch", "float32", batch)] = step
     return {
         "case": "torch", "backend": f"torch {torch.__version__}",
         "device": f"cpu:{_cpu_model()} x{os.cpu_count()} cores",
@@ -328,6 +336,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--input-size", nargs=2, type=int, default=[256, 192])
     parser.add_argument("--keypoints", type=int, default=17)
     parser.add_argument("--pyramid-channels", type=int, default=256)
+    parser.add_argument("--paired-rounds", type=int, default=3,
+                        help="with step and torch: rounds of the two steps in alternation")
     parser.add_argument("--steps-per-execution", type=int, default=1, help="fit case only")
     parser.add_argument("--jit-compile", choices=("auto", "true", "false"), default="auto",
                         help="XLA for the step (auto: Keras' choice, off for TF on a CPU)")
@@ -360,9 +370,28 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         emit(run_fit(args, spec, precision, batch))
                 finally:
                     keras.mixed_precision.set_global_policy("float32")
-                keras.backend.clear_session()
+    for batch in args.batch:
+        if args.paired_rounds and ("torch", "float32", batch) in _STEPS:
+            for precision in args.precision:
+                if ("step", precision, batch) in _STEPS:
+                    emit(paired(precision, batch, args.paired_rounds))
     emit(summary(records))
     return records
+
+
+def paired(precision: str, batch: int, rounds: int) -> dict:
+    """kpnet's step and the PyTorch CPN's step timed in alternation, ``rounds`` times: the
+    median of the per-round ratios is steady on a shared machine, where load drifts."""
+    kp, pt = _STEPS["step", precision, batch], _STEPS["torch", "float32", batch]
+    ratios, kp_s, pt_s = [], [], []
+    for _ in range(rounds):
+        kp_s.append(_timed(kp, 0, 1)[1])
+        pt_s.append(_timed(pt, 0, 1)[1])
+        ratios.append(kp_s[-1] / pt_s[-1])
+    return {"case": "paired", "precision": precision, "batch": batch, "rounds": rounds,
+            "kpnet_step_ms": [round(1000 * t, 1) for t in kp_s],
+            "torch_step_ms": [round(1000 * t, 1) for t in pt_s],
+            "step_vs_torch_median": round(statistics.median(ratios), 3)}  # fmt: skip
 
 
 def summary(records: list[dict]) -> dict:
@@ -370,7 +399,7 @@ def summary(records: list[dict]) -> dict:
     heatmaps inference, per (precision, batch)."""
     out: dict[str, Any] = {"case": "summary", "tensorflow_imported": "tensorflow" in sys.modules}
     by = {(r["case"], r.get("precision"), r.get("batch")): r for r in records if "step_ms" in r}
-    for (case, precision, batch), rec in by.items():
+    for (case, precision, batch), rec in list(by.items()):
         key = f"{precision}_b{batch}"
         torch_rec = by.get(("torch", "float32", batch))
         if case == "step" and torch_rec:
