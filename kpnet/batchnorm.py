@@ -22,13 +22,13 @@ Example:
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import keras
 import numpy as np
-import tensorflow as tf
 from keras import ops
 
 from kpnet.models.backbones import set_bn_momentum
@@ -95,10 +95,14 @@ class _Recorder:
 
         return call
 
-    def statistics(self, model: keras.Layer, images) -> tf.Tensor:
-        """One replica's flat float32 [mean_0, var_0, mean_1, var_1, ...] for ``images``."""
+    def statistics(self, model: keras.Layer, images, state: tuple | None = None):
+        """One replica's flat float32 [mean_0, var_0, mean_1, var_1, ...] for ``images``;
+        ``state``: (trainable, non-trainable) values for a stateless call (JAX)."""
         self.local.stats = [[] for _ in self.layers]
-        model(images, training=True)
+        if state is None:
+            model(images, training=True)
+        else:
+            model.stateless_call(*state, images, training=True)
         parts = []
         for layer, calls in zip(self.layers, self.local.stats, strict=True):
             if not calls:
@@ -107,17 +111,21 @@ class _Recorder:
                     "by the model's forward pass; cannot recompute its statistics"
                 )
             parts += [sum(m for m, _ in calls) / len(calls), sum(v for _, v in calls) / len(calls)]
-        return tf.concat(parts, axis=0)
+        return ops.concatenate(parts, axis=0)
 
 
 class _Statistics:
     """A traced ``batch -> averaged statistics`` function for one model and set of layers."""
 
-    def __init__(self, model: keras.Model, strategy: tf.distribute.Strategy) -> None:
+    def __init__(self, model: keras.Model, strategy: Any) -> None:
         self.model = model
         self.strategy = strategy
         self.layers = bn_layers(model)
         self.recorder = _Recorder(self.layers)
+        if keras.backend.backend() == "jax":
+            self.step = self._jax_step()
+            return
+        import tensorflow as tf
 
         def replica_fn(batch):
             images = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -129,6 +137,23 @@ class _Statistics:
 
         self.step = tf.function(step)
 
+    def _jax_step(self) -> Callable:
+        """``batch -> statistics`` jitted once: a stateless training-mode forward pass on the
+        current variable values (replicated or sharded as the Keras distribution says)."""
+        import jax
+
+        model = self.model
+        traced = jax.jit(lambda trainable, non_trainable, images: self.recorder.statistics(
+            model, images, (trainable, non_trainable)))  # fmt: skip
+
+        def step(batch):
+            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            return traced([v.value for v in model.trainable_variables],
+                          [v.value for v in model.non_trainable_variables],
+                          np.asarray(images))  # fmt: skip
+
+        return step
+
     def stale(self) -> bool:
         """True when the set of trainable BN layers changed since tracing (freeze / unfreeze)."""
         return [id(x) for x in bn_layers(self.model)] != [id(x) for x in self.layers]
@@ -137,7 +162,7 @@ class _Statistics:
         total, seen = None, 0
         with self.recorder:  # a (re)trace must see the recording calls too
             for batch in batches:
-                values = self.step(batch).numpy().astype(np.float64)
+                values = np.asarray(self.step(batch)).astype(np.float64)
                 total = values if total is None else total + values
                 seen += 1
                 if seen >= num_batches:
@@ -158,13 +183,19 @@ class _Statistics:
             layer.moving_variance.assign(var.astype(layer.moving_variance.dtype))
 
 
-def _strategy(model: keras.Model) -> tf.distribute.Strategy:
+def _strategy(model: keras.Model) -> Any:
+    """The model's tf.distribute strategy; None under JAX (Keras distributions shard there)."""
+    if keras.backend.backend() == "jax":
+        return None
+    import tensorflow as tf
+
     strategy = getattr(model, "distribute_strategy", None)
     return strategy if strategy is not None else tf.distribute.get_strategy()
 
 
-def _batches(dataset: Any, strategy: tf.distribute.Strategy) -> Iterable:
-    if not isinstance(dataset, tf.data.Dataset):
+def _batches(dataset: Any, strategy: Any) -> Iterable:
+    tf = sys.modules.get("tensorflow")
+    if strategy is None or tf is None or not isinstance(dataset, tf.data.Dataset):
         return dataset  # an iterator / list of batches, or an already distributed dataset
     options = tf.data.Options()  # global batches, split batch-wise over replicas and workers
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -214,7 +245,7 @@ class PreciseBN(keras.callbacks.Callback):
 
     Example:
         >>> import numpy as np
-        >>> cb = PreciseBN(lambda: tf.data.Dataset.from_tensors(np.zeros((2, 4))).repeat(), 4)
+        >>> cb = PreciseBN(lambda: iter(lambda: np.zeros((2, 4), "float32"), None), 4)
         >>> cb.num_batches
         4
     """

@@ -29,7 +29,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
-from keras import ops
+
+from kpnet.graph_ops import ops
 
 #: tf-cpn's blur kernels 15/11/9/7 at 64x48 expressed as sigmas (cv2: 0.3*((k-1)/2-1)+0.8),
 #: for GlobalNet levels P2 (finest) .. P5 (coarsest). RefineNet uses the smallest.

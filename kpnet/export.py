@@ -83,6 +83,9 @@ def export_saved_model(
     Returns:
         The SavedModel directory.
     """
+    if keras.backend.backend() != "tensorflow":
+        return _export_with_tensorflow(keypoints_model_or_path, out_dir, spec, input_size,
+                                       padding, flip_test)  # fmt: skip
     model = _as_keypoints_model(keypoints_model_or_path, spec, flip_test)
     spec = spec or decoder_of(model).spec
     codec = codec_of(model)
@@ -105,6 +108,44 @@ def export_saved_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _export_with_tensorflow(model_or_path, out_dir, spec, input_size, padding, flip_test) -> Path:
+    """Export from another Keras backend (JAX): the model is saved as ``.keras`` (if not a
+    path already) and exported by a ``KERAS_BACKEND=tensorflow`` subprocess, since SavedModel
+    signatures are TensorFlow graphs. The weights are the same file, so the keypoints are too.
+    """
+    import os
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory(prefix="kpnet-export-") as tmp:
+        path = model_or_path
+        if isinstance(model_or_path, keras.Model):
+            path = Path(tmp) / "keypoints.keras"
+            model_or_path.save(path)
+        args = {"path": str(path), "out": str(out_dir), "input_size": input_size,
+                "padding": padding, "flip_test": flip_test,
+                "spec": None if spec is None else spec.to_dict()}  # fmt: skip
+        root = str(Path(__file__).resolve().parents[1])  # this kpnet, not another install
+        env = {**os.environ, "KERAS_BACKEND": "tensorflow",
+               "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.run([sys.executable, "-c", _EXPORT_SCRIPT, json.dumps(args)],
+                              env=env, capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
+        raise ValueError(f"export_saved_model: the TensorFlow export of {path} failed: {lines[-1]}")
+    return Path(out_dir)
+
+
+_EXPORT_SCRIPT = """
+import json, sys
+from kpnet.export import export_saved_model
+from kpnet.spec import KeypointSpec
+a = json.loads(sys.argv[1])
+spec = None if a["spec"] is None else KeypointSpec.from_dict(a["spec"])
+export_saved_model(a["path"], a["out"], spec, a["input_size"], a["padding"], a["flip_test"])
+"""
 
 
 class KeypointServingModule(tf.Module):

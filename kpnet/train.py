@@ -74,13 +74,15 @@ def _log(message: str) -> None:
 
 
 # --------------------------------------------------------------------------- strategy
-def make_strategy(kind: str = "auto") -> tf.distribute.Strategy:
-    """The tf.distribute strategy for ``train.distribute``.
+def make_strategy(kind: str = "auto") -> tf.distribute.Strategy | JaxDataParallel:
+    """The tf.distribute strategy for ``train.distribute`` (under JAX: :class:`JaxDataParallel`).
 
     ``auto``: MultiWorkerMirroredStrategy when TF_CONFIG is set, MirroredStrategy with more
     than one GPU, else the default strategy. ``mirrored`` without GPUs mirrors over the
     logical CPU devices (tests use two).
     """
+    if keras.backend.backend() == "jax":
+        return JaxDataParallel.for_kind(kind)
     if kind == "multi_worker" or (kind == "auto" and os.environ.get("TF_CONFIG")):
         # before anything lists devices: collectives must be configured at startup
         return MultiWorkerStrategy()
@@ -93,6 +95,45 @@ def make_strategy(kind: str = "auto") -> tf.distribute.Strategy:
         devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
         return tf.distribute.MirroredStrategy(devices)
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+
+
+class JaxDataParallel:
+    """What fit uses for a strategy under ``KERAS_BACKEND=jax``: Keras' own data parallelism.
+
+    With several local devices, ``scope()`` sets ``keras.distribution.DataParallel`` over
+    them (variables replicated, each global batch split along its first axis, gradients
+    averaged inside the jitted step); with one device it does nothing. tf.data still feeds
+    the model. Multi-worker training needs the TensorFlow backend.
+
+    Example:
+        >>> strategy = JaxDataParallel(1)
+        >>> strategy.num_replicas_in_sync
+        1
+    """
+
+    cluster_resolver = None
+
+    def __init__(self, num_devices: int) -> None:
+        self.num_replicas_in_sync = int(num_devices)
+
+    @classmethod
+    def for_kind(cls, kind: str) -> JaxDataParallel:
+        """``auto`` / ``mirrored``: every local device; ``one_device``: the first."""
+        import jax
+
+        if kind == "multi_worker" or (kind == "auto" and os.environ.get("TF_CONFIG")):
+            raise TrainingError(
+                "train.distribute: multi-worker training needs KERAS_BACKEND=tensorflow; "
+                "under JAX fit uses the local devices (train.distribute: auto)"
+            )
+        return cls(1 if kind == "one_device" else jax.local_device_count())
+
+    def scope(self) -> Any:
+        import contextlib
+
+        if self.num_replicas_in_sync == 1:
+            return contextlib.nullcontext()
+        return keras.distribution.DataParallel().scope()
 
 
 class MultiWorkerStrategy(tf.distribute.MultiWorkerMirroredStrategy):
@@ -584,7 +625,7 @@ def fit(recipe: Recipe, output_dir: str | Path) -> dict[str, Any]:
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _fit(recipe: Recipe, out: Path, strategy: tf.distribute.Strategy) -> dict[str, Any]:
+def _fit(recipe: Recipe, out: Path, strategy: Any) -> dict[str, Any]:
     chief = _is_chief(strategy)
     if not chief:  # every worker saves (saving may sync variables); only the chief's count
         out = out / ".workers" / f"worker-{strategy.cluster_resolver.task_id}"
@@ -876,7 +917,8 @@ def _finalize(run: _Run, val: list[InstanceRecord]) -> dict[str, Any]:
     if kp_model is not None and run.recipe.export.saved_model:
         from kpnet.export import export_saved_model
 
-        export_saved_model(kp_model, out / "saved_model", run.spec)  # atomic itself
+        source = kp_model if keras.backend.backend() == "tensorflow" else out / "keypoints.keras"
+        export_saved_model(source, out / "saved_model", run.spec)  # atomic itself
     return result
 
 
@@ -936,6 +978,7 @@ def _final_metrics(run: _Run, model: keras.Model, val: list[InstanceRecord]) -> 
 __all__ = [
     "LOCKED_KEYS",
     "EpochSchedule",
+    "JaxDataParallel",
     "MultiWorkerStrategy",
     "Phase",
     "RunFolderError",
