@@ -87,7 +87,8 @@ def _check_weights(recipe) -> None:
     from kpnet.models.backbones import BackboneWeightsError, resolve_weights
 
     try:
-        resolve_weights(recipe.model.backbone, recipe.model.backbone_weights)
+        m = recipe.model
+        resolve_weights(m.backbone, m.backbone_weights, m.alpha)
     except BackboneWeightsError as err:
         raise recipe.error("model.backbone_weights", str(err)) from None
 
