@@ -25,8 +25,10 @@ one JSON line:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -118,7 +120,8 @@ def held_out(name: str, dataset: str, steps: int, work: Path) -> dict:
             *common, f"data.dlc.project={DLC}", "data.dlc.val_fraction=null",
             "data.dlc.val_last=10", "model.input_size=[128,128]"])  # fmt: skip
     start = time.perf_counter()
-    result = fit(recipe, work / f"{name}-{dataset}")
+    with contextlib.redirect_stdout(sys.stderr):  # fit's log: stdout is the JSON lines
+        result = fit(recipe, work / f"{name}-{dataset}")
     overall = result["metrics"]["overall"]
     return {
         "mean_px": round(float(overall["mean"]), 2),
