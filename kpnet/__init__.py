@@ -21,6 +21,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "build_cpn": "kpnet.models",
+    "build_heatmap_model": "kpnet.models",
     "retarget": "kpnet.models",
     "transfer_weights": "kpnet.models.retarget",
     "load_model": "kpnet.inference",

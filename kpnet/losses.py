@@ -217,27 +217,41 @@ def build_losses(
     global_weight: float = 0.5,
     refine_weight: float = 1.0,
     pixel_ratio: float = 0.1,
+    outputs: Sequence[str] = OUTPUT_NAMES,
 ) -> tuple[dict[str, keras.losses.Loss], dict[str, float]]:
-    """Losses and loss weights for ``model.compile``, keyed by ``codec.OUTPUT_NAMES``.
+    """Losses and loss weights for ``model.compile``, keyed by the model's ``outputs``.
 
+    ``outputs``: the model's output names (``kpnet.models.head_outputs(head)``): CPN's
+    :data:`kpnet.codec.OUTPUT_NAMES`, or ``("refine",)`` for a single-head model.
     ``global_weight`` is split equally over the four GlobalNet levels (tf-cpn: sum over the
     levels / 4 / 2 with the default 0.5). ``refine_loss``: ``"ohkm"`` (keypoint level, top
-    ``top_k`` channels) or ``"pixel"`` (:class:`PixelOHKMLoss` with ``pixel_ratio``).
+    ``top_k`` channels), ``"pixel"`` (:class:`PixelOHKMLoss` with ``pixel_ratio``) or ``"l2"``
+    (SimpleBaseline / HRNet: the mean squared error over every labelled channel, i.e.
+    :class:`OHKMLoss` with ``top_k`` = C).
 
     Example:
         >>> from kpnet.spec import KeypointSpec
         >>> losses, weights = build_losses(KeypointSpec.coco17())
         >>> type(losses["refine"]).__name__, weights["global_p2"], weights["refine"]
         ('OHKMLoss', 0.125, 1.0)
+        >>> losses, weights = build_losses(KeypointSpec.coco17(), "l2", outputs=("refine",))
+        >>> list(losses), losses["refine"].top_k, weights
+        (['refine'], 17, {'refine': 1.0})
     """
-    if refine_loss not in ("ohkm", "pixel"):
+    if refine_loss not in ("ohkm", "pixel", "l2"):
         raise ValueError(
-            f"build_losses: refine_loss must be 'ohkm' or 'pixel', got {refine_loss!r}"
+            f"build_losses: refine_loss must be 'ohkm', 'pixel' or 'l2', got {refine_loss!r}"
         )
     if len(global_sigmas) != len(OUTPUT_NAMES) - 1:
         raise ValueError(
             f"build_losses: global_sigmas needs {len(OUTPUT_NAMES) - 1} values "
             f"(P2..P5), got {list(global_sigmas)}"
+        )
+    unknown = sorted(set(outputs) - set(OUTPUT_NAMES))
+    if unknown or OUTPUT_NAMES[-1] not in outputs:
+        raise ValueError(
+            f"build_losses: outputs {list(outputs)} must include 'refine' and be among "
+            f"{list(OUTPUT_NAMES)}"
         )
     channels = list(spec.channels)
     losses: dict[str, keras.losses.Loss] = {
@@ -246,8 +260,12 @@ def build_losses(
     }
     if refine_loss == "ohkm":
         losses["refine"] = OHKMLoss(top_k=top_k, sigma=refine_sigma, channels=channels)
+    elif refine_loss == "l2":
+        losses["refine"] = OHKMLoss(
+            top_k=spec.num_channels, sigma=refine_sigma, channels=channels, name="l2"
+        )
     else:
         losses["refine"] = PixelOHKMLoss(ratio=pixel_ratio, sigma=refine_sigma, channels=channels)
     weights = {out: float(global_weight) / len(global_sigmas) for out in OUTPUT_NAMES[:-1]}
     weights["refine"] = float(refine_weight)
-    return losses, weights
+    return {k: losses[k] for k in outputs}, {k: weights[k] for k in outputs}

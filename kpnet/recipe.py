@@ -52,6 +52,8 @@ from kpnet.codec import (
     DEFAULT_WHOLE_FRACTION,
     Codec,
 )
+from kpnet.models.backbones import BACKBONES, IMAGENET_BACKBONES, MOBILENET_ALPHAS
+from kpnet.models.heads import HEADS, check_head
 from kpnet.spec import KeypointSpec, SpecError
 
 
@@ -224,10 +226,12 @@ class DataSection(_Strict):
 
 # --------------------------------------------------------------------------- model / loss
 class ModelSection(_Strict):
-    backbone: Literal["resnet50", "resnet101", "tiny"] = "resnet50"
+    backbone: Literal[BACKBONES] = "resnet50"  # type: ignore[valid-type]
+    head: Literal[HEADS] = "cpn"  # type: ignore[valid-type]  # hrnet: backbone hrnet_w32 only
+    alpha: float = Field(1.0, gt=0.0)  # MobileNetV2 width multiplier (1.0 for other trunks)
     backbone_weights: str | None = None  # null | imagenet | path to a weights file
     input_size: tuple[int, int] = (256, 192)
-    pyramid_channels: int = Field(256, ge=1)
+    pyramid_channels: int = Field(256, ge=1)  # head width: CPN pyramid / SimpleBaseline deconvs
     init_from: URL | Path | None = None
     bn_momentum: float = Field(0.9, gt=0.0, lt=1.0)  # BatchNorm moving-average momentum
 
@@ -237,13 +241,37 @@ class ModelSection(_Strict):
             raise ValueError(f"input_size {list(self.input_size)}: H and W must divide by 32")
         return self
 
+    @field_validator("head")
+    @classmethod
+    def _check_head(cls, head: str, info: Any) -> str:
+        if "backbone" in info.data:
+            check_head(head, info.data["backbone"])
+        return head
+
+    @field_validator("alpha")
+    @classmethod
+    def _check_alpha(cls, alpha: float, info: Any) -> float:
+        if alpha != 1.0 and info.data.get("backbone", "mobilenetv2") != "mobilenetv2":
+            raise ValueError(
+                f"{alpha}: backbone {info.data['backbone']!r} has no width multiplier; "
+                "alpha applies to mobilenetv2 only (set model.alpha: 1.0)"
+            )
+        return alpha
+
     @field_validator("backbone_weights")
     @classmethod
     def _check_weights(cls, weights: str | None, info: Any) -> str | None:
-        if weights == "imagenet" and info.data.get("backbone") == "tiny":
+        backbone, alpha = info.data.get("backbone"), info.data.get("alpha", 1.0)
+        if weights == "imagenet" and backbone not in IMAGENET_BACKBONES:
             raise ValueError(
-                "backbone 'tiny' has no ImageNet weights; set model.backbone_weights: null "
-                "(or a tiny .weights.h5 file), or use backbone resnet50"
+                f"backbone {backbone!r} has no ImageNet weights; set model.backbone_weights: "
+                f"null (or a {backbone} .weights.h5 file), or use a keras.applications trunk "
+                "(resnet50, resnet101, mobilenetv2, efficientnetb0)"
+            )
+        if weights == "imagenet" and backbone == "mobilenetv2" and alpha not in MOBILENET_ALPHAS:
+            raise ValueError(
+                f"mobilenetv2 has ImageNet weights for alpha in {list(MOBILENET_ALPHAS)}, "
+                f"not {alpha}; change model.alpha or set model.backbone_weights: null"
             )
         return weights
 
@@ -251,7 +279,7 @@ class ModelSection(_Strict):
 class LossSection(_Strict):
     global_weight: float = Field(0.5, ge=0.0)
     refine_weight: float = Field(1.0, ge=0.0)
-    refine: Literal["ohkm", "pixel"] = "ohkm"
+    refine: Literal["ohkm", "pixel", "l2"] = "ohkm"  # l2: SimpleBaseline / HRNet's MSE
     top_k: int = Field(8, ge=1)
     pixel_ratio: float = Field(0.1, gt=0.0, le=1.0)
     global_sigmas: tuple[float, float, float, float] = DEFAULT_GLOBAL_SIGMAS

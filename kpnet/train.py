@@ -50,7 +50,6 @@ import numpy as np
 import tensorflow as tf
 
 from kpnet.callbacks import Backup, GuardedCheckpoint, KeypointMetrics, NaNGuard, read_backup
-from kpnet.codec import OUTPUT_NAMES
 from kpnet.data.records import InstanceRecord
 from kpnet.data.sources import (
     load_data,
@@ -182,8 +181,17 @@ def _is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
-def _to_targets(images, keypoints):
-    return images, {name: keypoints for name in OUTPUT_NAMES}
+def output_names(recipe: Recipe) -> tuple[str, ...]:
+    """The heatmap model's outputs (CPN's five or a single ``"refine"``): targets and losses."""
+    from kpnet.models.heads import head_outputs
+
+    return head_outputs(recipe.model.head)
+
+
+def _targets(recipe: Recipe):
+    """``(images, keypoints) -> (images, {output: keypoints})`` for the recipe's model."""
+    names = output_names(recipe)
+    return lambda images, keypoints: (images, {name: keypoints for name in names})
 
 
 def _datasets(recipe, spec, train, val, config, strategy: tf.distribute.Strategy | None):
@@ -199,13 +207,13 @@ def _datasets(recipe, spec, train, val, config, strategy: tf.distribute.Strategy
         return build_dataset(
             train, spec, config, t.batch_size, training=True, seed=t.seed, repeat=True,
             on_error=on_error, input_context=context,
-        ).map(_to_targets)  # fmt: skip
+        ).map(_targets(recipe))  # fmt: skip
 
     val_ds = None
     if val:
         val_ds = build_dataset(
             val, spec, config, t.batch_size, training=False, on_error=on_error
-        ).map(_to_targets)
+        ).map(_targets(recipe))
     if strategy is None:
         return train_dataset(), val_ds
     train_ds = strategy.distribute_datasets_from_function(train_dataset)
@@ -253,19 +261,21 @@ def training_phases(recipe: Recipe) -> list[Phase]:
 
 
 def build_model(recipe: Recipe, spec: KeypointSpec, init: bool = True) -> keras.Model:
-    """The CPN heatmap model of a recipe, re-targeted from ``model.init_from`` if set."""
+    """The heatmap model of a recipe, re-targeted from ``model.init_from`` if set."""
     from kpnet.models.backbones import BackboneWeightsError
-    from kpnet.models.cpn import build_cpn
+    from kpnet.models.heads import build_heatmap_model
 
     m = recipe.model
     try:
-        model = build_cpn(
+        model = build_heatmap_model(
             spec.num_channels,
             input_shape=(*m.input_size, 3),
             backbone=m.backbone,
+            head=m.head,
             backbone_weights=m.backbone_weights,
-            pyramid_channels=m.pyramid_channels,
-            name="cpn",
+            head_channels=m.pyramid_channels,
+            alpha=m.alpha,
+            name="cpn" if m.head == "cpn" else m.head,
             bn_momentum=m.bn_momentum,
         )
     except BackboneWeightsError as err:
@@ -289,7 +299,7 @@ def _init_from(recipe: Recipe, model: keras.Model) -> None:
     if not report.loaded:
         raise recipe.error(
             "model.init_from",
-            f"no layer of {path} matches this model; give a CPN heatmap model "
+            f"no layer of {path} matches this model; give a kpnet heatmap model "
             "(best.keras / last.keras of an earlier run)",
         )
 
@@ -299,7 +309,7 @@ def backbone_layer_names(recipe: Recipe) -> set[str]:
     from kpnet.models.backbones import build_backbone
 
     images = keras.Input((*recipe.model.input_size, 3), name="images")
-    feats = build_backbone(recipe.model.backbone, images, None)
+    feats = build_backbone(recipe.model.backbone, images, None, recipe.model.alpha)
     return {layer.name for layer in keras.Model(images, feats).layers if layer.weights}
 
 
@@ -363,6 +373,7 @@ def configure_phase(
         global_weight=lo.global_weight,
         refine_weight=lo.refine_weight,
         pixel_ratio=lo.pixel_ratio,
+        outputs=output_names(recipe),
     )
     model.compile(optimizer=_optimizer(recipe, schedule), loss=losses, loss_weights=weights)
     if not tf.distribute.has_strategy():
@@ -380,7 +391,7 @@ def _build_training_state(model: keras.Model, spec: KeypointSpec) -> None:
     images = np.zeros((1, *model.input_shape[1:]), "float32")
     keypoints = np.zeros((1, spec.num_keypoints, 3), "float32")
     y_pred = model(images, training=False)
-    model.compute_loss(x=images, y={n: keypoints for n in OUTPUT_NAMES}, y_pred=y_pred)
+    model.compute_loss(x=images, y={n: keypoints for n in y_pred}, y_pred=y_pred)
     model.reset_metrics()
 
 
@@ -993,6 +1004,7 @@ __all__ = [
     "load_validation",
     "make_strategy",
     "nonfinite_weights",
+    "output_names",
     "pipeline_config",
     "split_by_image",
     "training_phases",

@@ -14,7 +14,7 @@ Resuming: when the folder already holds a trained run (a backup, ``last.keras``,
 ``recipe.resolved.yaml``, ``spec.json`` and ``codec.json`` first. Keys that define the model
 or its data (:data:`kpnet.train.LOCKED_KEYS`) must be the same: every ``data.*`` key but
 ``data.on_error`` (source, paths, spec, crop mode, padding), every ``model.*`` key (backbone,
-weights, input size, pyramid channels, init_from, bn_momentum), the codec's sigmas and
+head, alpha, weights, input size, pyramid channels, init_from, bn_momentum), the codec's sigmas and
 decoding (``loss.global_sigmas``, ``loss.refine_sigma``, ``evaluation.decode`` /
 ``flip_test`` / ``max_peaks`` / ``threshold`` / ``min_distance``), and ``train.batch_size``
 and ``train.steps_per_epoch`` (the learning-rate schedule and the backup count optimizer
@@ -87,7 +87,8 @@ def _check_weights(recipe) -> None:
     from kpnet.models.backbones import BackboneWeightsError, resolve_weights
 
     try:
-        resolve_weights(recipe.model.backbone, recipe.model.backbone_weights)
+        m = recipe.model
+        resolve_weights(m.backbone, m.backbone_weights, m.alpha)
     except BackboneWeightsError as err:
         raise recipe.error("model.backbone_weights", str(err)) from None
 

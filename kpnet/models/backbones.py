@@ -1,9 +1,11 @@
-"""Backbones that tap the C2..C5 feature maps (strides 4, 8, 16, 32) for the CPN.
+"""Backbones that tap the C2..C5 feature maps (strides 4, 8, 16, 32) for the heads.
 
-Names: ``resnet50`` and ``resnet101`` (keras.applications, caffe-style preprocessing) and
-``tiny`` (a small residual net, widths 16/32/64/128, for fast CPU tests and tiny data sets).
-Every backbone takes RGB images in 0..255 and normalises inside with a :class:`Preprocess`
-layer, so the model needs no preprocessing outside.
+Names: ``resnet50`` and ``resnet101`` (keras.applications, caffe-style preprocessing),
+``hrnet_w32`` (:mod:`kpnet.models.hrnet`, its four branches), the light keras.applications
+trunks ``mobilenetv2`` (width multiplier ``alpha``) and ``efficientnetb0``, and ``tiny``
+(a small residual net, widths 16/32/64/128, for fast CPU tests and tiny data sets).
+Every backbone takes RGB images in 0..255 and normalises inside (a :class:`Preprocess`
+layer, or EfficientNet's own rescaling), so the model needs no preprocessing outside.
 
 Example:
     >>> import keras
@@ -20,7 +22,15 @@ from pathlib import Path
 import keras
 from keras import layers, ops
 
-BACKBONES: tuple[str, ...] = ("resnet50", "resnet101", "tiny")
+from kpnet.models.hrnet import HRNET_WIDTHS, hrnet_trunk
+
+BACKBONES: tuple[str, ...] = (
+    "resnet50", "resnet101", "hrnet_w32", "mobilenetv2", "efficientnetb0", "tiny",
+)  # fmt: skip
+#: Backbones whose ImageNet weights keras.applications publishes (a local file or the cache).
+IMAGENET_BACKBONES: tuple[str, ...] = ("resnet50", "resnet101", "mobilenetv2", "efficientnetb0")
+#: MobileNetV2 width multipliers with published ImageNet weights.
+MOBILENET_ALPHAS: tuple[float, ...] = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 
 #: keras.applications layer names of the C2..C5 taps.
 RESNET_TAPS: dict[str, tuple[str, ...]] = {
@@ -31,6 +41,11 @@ RESNET_TAPS: dict[str, tuple[str, ...]] = {
         "conv4_block23_out",
         "conv5_block3_out",
     ),
+}
+#: keras.applications layer names of the C2..C5 taps of the light trunks.
+LIGHT_TAPS: dict[str, tuple[str, ...]] = {
+    "mobilenetv2": ("block_2_add", "block_5_add", "block_12_add", "out_relu"),
+    "efficientnetb0": ("block2b_add", "block3b_add", "block5c_add", "top_activation"),
 }
 TINY_WIDTHS: tuple[int, ...] = (16, 32, 64, 128)
 #: BatchNorm moving-average momentum of kpnet models (Keras' default 0.99 lags on small data).
@@ -47,7 +62,8 @@ class Preprocess(layers.Layer):
     """Cast RGB 0..255 images and normalise them for a backbone.
 
     ``mode="caffe"``: RGB -> BGR and ImageNet mean subtraction (keras.applications ResNet);
-    ``mode="scale"``: map 0..255 to -1..1.
+    ``mode="scale"``: map 0..255 to -1..1 (MobileNetV2, HRNet, tiny);
+    ``mode="cast"``: only cast (EfficientNet normalises inside).
 
     Example:
         >>> import numpy as np
@@ -58,12 +74,14 @@ class Preprocess(layers.Layer):
 
     def __init__(self, mode: str = "caffe", **kwargs) -> None:
         super().__init__(**kwargs)
-        if mode not in ("caffe", "scale"):
-            raise ValueError(f"Preprocess: unknown mode {mode!r} (use 'caffe' or 'scale')")
+        if mode not in ("caffe", "scale", "cast"):
+            raise ValueError(f"Preprocess: unknown mode {mode!r} (use 'caffe', 'scale' or 'cast')")
         self.mode = mode
 
     def call(self, images):
         x = ops.cast(images, self.compute_dtype)
+        if self.mode == "cast":
+            return x
         if self.mode == "scale":
             return x / 127.5 - 1.0
         mean = ops.convert_to_tensor(_CAFFE_MEAN_BGR, dtype=self.compute_dtype)
@@ -76,26 +94,45 @@ class Preprocess(layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
-def build_backbone(name: str, input_tensor, weights: str | None = None) -> list:
+def build_backbone(
+    name: str, input_tensor, weights: str | None = None, alpha: float = 1.0
+) -> list:
     """Build a backbone on ``input_tensor`` (RGB 0..255) and return ``[C2, C3, C4, C5]``.
 
     Args:
         name: one of :data:`BACKBONES`.
         input_tensor: a symbolic ``keras.Input`` (or tensor derived from one), [B, H, W, 3].
-        weights: None (random init), ``"imagenet"`` (ResNets only; taken from the keras cache,
-            downloaded only with KPNET_ALLOW_DOWNLOAD=1) or a local ``.h5`` /
-            ``.weights.h5`` file holding the backbone's weights.
+        weights: None (random init), ``"imagenet"`` (:data:`IMAGENET_BACKBONES` only; taken
+            from the keras cache, downloaded only with KPNET_ALLOW_DOWNLOAD=1) or a local
+            ``.h5`` / ``.weights.h5`` file holding the backbone's weights.
+        alpha: MobileNetV2's width multiplier (1.0 for every other backbone).
 
     Raises:
-        ValueError: unknown backbone name.
+        ValueError: unknown backbone name or a width multiplier it does not take.
         BackboneWeightsError: weights missing, unreachable or not loadable.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {list(BACKBONES)}")
-    weights = resolve_weights(name, weights)
+    check_alpha(name, alpha)
+    weights = resolve_weights(name, weights, alpha)
     if name == "tiny":
         return _tiny(input_tensor, weights)
+    if name in HRNET_WIDTHS:
+        return _hrnet(name, input_tensor, weights)
+    if name in LIGHT_TAPS:
+        return _light(name, input_tensor, weights, alpha)
     return _resnet(name, input_tensor, weights)
+
+
+def check_alpha(name: str, alpha: float) -> None:
+    """Refuse a width multiplier the backbone does not take (ValueError, one line)."""
+    if not float(alpha) > 0:
+        raise ValueError(f"the width multiplier alpha must be > 0, got {alpha}")
+    if name != "mobilenetv2" and float(alpha) != 1.0:
+        raise ValueError(
+            f"backbone {name!r} has no width multiplier (alpha={alpha}); alpha applies to "
+            "mobilenetv2 only"
+        )
 
 
 def set_bn_momentum(model: keras.Layer, momentum: float) -> int:
@@ -123,27 +160,35 @@ def set_bn_momentum(model: keras.Layer, momentum: float) -> int:
 
 
 # --------------------------------------------------------------------------- weights
-def resolve_weights(name: str, weights: str | os.PathLike | None) -> str | None:
+def resolve_weights(
+    name: str, weights: str | os.PathLike | None, alpha: float = 1.0
+) -> str | None:
     """Turn a ``weights`` argument into None, ``"imagenet"`` (downloadable) or a file path."""
     if weights is None:
         return None
     weights = str(weights)
     if weights == "imagenet":
-        if name == "tiny":
+        if name not in IMAGENET_BACKBONES:
             raise BackboneWeightsError(
-                "backbone 'tiny' has no ImageNet weights: use model.backbone_weights: null "
+                f"backbone {name!r} has no ImageNet weights: use model.backbone_weights: null "
                 "or a local .weights.h5 file"
             )
-        cached = imagenet_cache_path(name)
+        if name == "mobilenetv2" and float(alpha) not in MOBILENET_ALPHAS:
+            raise BackboneWeightsError(
+                f"mobilenetv2 has ImageNet weights for alpha in {list(MOBILENET_ALPHAS)}, "
+                f"not {alpha}: change model.alpha or set model.backbone_weights: null"
+            )
+        cached = imagenet_cache_path(name, alpha)
         if cached.is_file():
             return str(cached)
+        file = _weights_file(name, alpha)
         if os.environ.get("KPNET_ALLOW_DOWNLOAD") != "1":
             raise BackboneWeightsError(
                 f"ImageNet weights for {name} are not in the keras cache ({cached}) and kpnet "
                 "does not download at run time (set KPNET_ALLOW_DOWNLOAD=1 to let Keras "
-                f"fetch them). Download {_weights_file(name)} (keras-applications "
-                f"release) on a connected machine, then either copy it to {cached} or set "
-                f"`model.backbone_weights: /path/to/{_weights_file(name)}` in the recipe "
+                f"fetch them). Download {file} (keras-applications release) on a connected "
+                f"machine, then either copy it to {cached} or set "
+                f"`model.backbone_weights: /path/to/{file}` in the recipe "
                 "(backbone_weights= in build_cpn)."
             )
         return "imagenet"
@@ -160,14 +205,20 @@ def resolve_weights(name: str, weights: str | os.PathLike | None) -> str | None:
     return str(path)
 
 
-def imagenet_cache_path(name: str) -> Path:
+def imagenet_cache_path(name: str, alpha: float = 1.0) -> Path:
     """Where keras.applications caches the no-top ImageNet weights of ``name``."""
     home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
-    return Path(home) / "models" / _weights_file(name)
+    return Path(home) / "models" / _weights_file(name, alpha)
 
 
-def _weights_file(name: str) -> str:
-    return f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+def _weights_file(name: str, alpha: float = 1.0) -> str:
+    if name == "mobilenetv2":  # keras.applications' name at 224x224 (any input size loads it)
+        return f"mobilenet_v2_weights_tf_dim_ordering_tf_kernels_{float(alpha)}_224_no_top.h5"
+    if name == "efficientnetb0":
+        return "efficientnetb0_notop.h5"
+    if name in RESNET_TAPS:
+        return f"{name}_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    return f"{name}_backbone.weights.h5"
 
 
 def _load_into(model: keras.Model, path: str, name: str) -> None:
@@ -176,8 +227,7 @@ def _load_into(model: keras.Model, path: str, name: str) -> None:
     except Exception as err:  # keras raises several types here; re-raise one clear error
         raise BackboneWeightsError(
             f"cannot load backbone weights {path!r} into {name}: {err}. The file must hold "
-            f"the weights of a {name} backbone without its top (e.g. "
-            f"{_weights_file(name) if name != 'tiny' else 'tiny_backbone.weights.h5'})"
+            f"the weights of a {name} backbone without its top (e.g. {_weights_file(name)})"
         ) from err
 
 
@@ -193,6 +243,49 @@ def _resnet(name: str, input_tensor, weights: str | None) -> list:
             f"the weights of {name} without its top, e.g. {_weights_file(name)}"
         ) from err
     return [trunk.get_layer(tap).output for tap in RESNET_TAPS[name]]
+
+
+# --------------------------------------------------------------------------- HRNet
+def _hrnet(name: str, input_tensor, weights: str | None) -> list:
+    x = Preprocess("scale", name="preprocess")(input_tensor)
+    feats = hrnet_trunk(x, HRNET_WIDTHS[name])
+    if weights is not None:
+        _load_into(keras.Model(input_tensor, feats, name=f"{name}_backbone"), weights, name)
+    return feats
+
+
+# --------------------------------------------------------------------------- light trunks
+def _light(name: str, input_tensor, weights: str | None, alpha: float) -> list:
+    """MobileNetV2 / EfficientNet-B0 from keras.applications, tapped at strides 4..32."""
+    download = weights == "imagenet"  # KPNET_ALLOW_DOWNLOAD=1: keras fetches and loads them
+    if name == "mobilenetv2":
+        x = Preprocess("scale", name="preprocess")(input_tensor)
+        trunk = keras.applications.MobileNetV2(
+            include_top=False, weights="imagenet" if download else None, input_tensor=x,
+            alpha=float(alpha),
+        )  # fmt: skip
+    else:
+        x = Preprocess("cast", name="preprocess")(input_tensor)
+        trunk = keras.applications.EfficientNetB0(
+            include_top=False, weights="imagenet" if download else None, input_tensor=x
+        )
+    if weights is not None and not download:
+        _load_into(trunk, weights, name)
+        if name == "efficientnetb0" and not weights.endswith(".weights.h5"):
+            _fix_efficientnet_normalization(trunk)
+    return [trunk.get_layer(tap).output for tap in LIGHT_TAPS[name]]
+
+
+def _fix_efficientnet_normalization(trunk: keras.Model) -> None:
+    """keras-applications' EfficientNet files store the ImageNet std as the *variance*.
+
+    keras.applications compensates with an extra Rescaling layer only when it downloads the
+    weights itself; loaded from a file, the input would be divided by sqrt(std). Squaring the
+    stored variance gives (x - mean) / std, the normalisation the weights were trained with.
+    """
+    norm = next(la for la in trunk.layers if isinstance(la, layers.Normalization))
+    norm.adapt_variance.assign(ops.square(norm.adapt_variance))
+    norm.finalize_state()
 
 
 # --------------------------------------------------------------------------- tiny

@@ -22,8 +22,7 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
-from kpnet.codec import OUTPUT_NAMES
-from kpnet.models.backbones import DEFAULT_BN_MOMENTUM, build_backbone, set_bn_momentum
+from kpnet.models.backbones import DEFAULT_BN_MOMENTUM
 
 LEVELS: tuple[int, ...] = (2, 3, 4, 5)  # pyramid levels, finest (stride 4) first
 OUTPUT_STRIDE = 4
@@ -46,7 +45,7 @@ def build_cpn(
     Args:
         num_channels: heatmap channels C (``spec.num_channels``).
         input_shape: (H, W, 3); H and W must divide by 32.
-        backbone: ``"resnet50"``, ``"resnet101"`` or ``"tiny"``.
+        backbone: one of :data:`kpnet.models.backbones.BACKBONES`.
         backbone_weights: None, ``"imagenet"`` or a local ``.h5``/``.weights.h5`` file.
         pyramid_channels: GlobalNet/RefineNet width (256 in the paper; smaller for tiny models).
         name: model name.
@@ -57,28 +56,14 @@ def build_cpn(
         A ``keras.Model`` taking RGB 0..255 images [B, H, W, 3] and returning a dict of float32
         heatmaps [B, H/4, W/4, C] keyed by ``OUTPUT_NAMES``.
     """
-    h, w, c = (int(v) for v in input_shape)
-    if h % 32 or w % 32 or c != 3:
-        raise ValueError(
-            f"build_cpn: input_shape {tuple(input_shape)} must be (H, W, 3) with H and W "
-            "divisible by 32 (e.g. (256, 192, 3))"
-        )
-    if int(num_channels) < 1:
-        raise ValueError(f"build_cpn: num_channels must be >= 1, got {num_channels}")
+    from kpnet.models.heads import build_heatmap_model
+
     if int(pyramid_channels) < 2 or int(pyramid_channels) % 2:
         raise ValueError(f"build_cpn: pyramid_channels must be even, got {pyramid_channels}")
-    images = keras.Input((h, w, 3), name="images")
-    feats = build_backbone(backbone, images, backbone_weights)
-    pyramid, global_maps = global_net(feats, int(num_channels), int(pyramid_channels))
-    refine = refine_net(pyramid, int(num_channels), int(pyramid_channels))
-    heads = [*global_maps, refine]
-    outputs = {
-        out: layers.Activation("linear", dtype="float32", name=out)(t)
-        for out, t in zip(OUTPUT_NAMES, heads, strict=True)
-    }
-    model = keras.Model(images, outputs, name=name)
-    set_bn_momentum(model, bn_momentum)
-    return model
+    return build_heatmap_model(
+        num_channels, input_shape, backbone, "cpn", backbone_weights, pyramid_channels,
+        name=name, bn_momentum=bn_momentum,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- GlobalNet

@@ -1,8 +1,9 @@
-"""Re-target a trained CPN to a new keypoint set: same trunk, fresh heatmap heads.
+"""Re-target a trained heatmap model to a new keypoint set: same trunk, fresh heatmap heads.
 
 :func:`transfer_weights` copies every layer whose weights all match by layer name and shape;
 the heatmap heads (their shapes depend on the channel count) keep their fresh initialisation.
-:func:`retarget` rebuilds the source's architecture with a new channel count and transfers.
+:func:`retarget` rebuilds the source's architecture (any backbone and head of
+:mod:`kpnet.models.heads`) with a new channel count and transfers.
 
 Example:
     >>> from kpnet.models import build_cpn
@@ -21,8 +22,9 @@ from pathlib import Path
 
 import keras
 
-from kpnet.models.backbones import RESNET_TAPS
+from kpnet.models.backbones import LIGHT_TAPS, RESNET_TAPS
 from kpnet.models.cpn import build_cpn
+from kpnet.models.heads import build_heatmap_model
 
 #: Number of Conv2D layers in a CPN per backbone (backbone convs + 44 CPN convs); used to
 #: recognise the architecture stored in a bare ``.weights.h5`` file.
@@ -80,10 +82,11 @@ def retarget(
     pyramid_channels: int | None = None,
     name: str | None = None,
 ) -> tuple[keras.Model, RetargetReport]:
-    """Rebuild ``source``'s CPN with ``num_channels`` heatmap channels and transfer its weights.
+    """Rebuild ``source``'s model with ``num_channels`` heatmap channels and transfer weights.
 
     Args:
-        source: a CPN ``keras.Model``, or a ``.keras`` / ``.weights.h5`` file of one.
+        source: a kpnet heatmap ``keras.Model`` (any head), or a ``.keras`` file of one, or a
+            ``.weights.h5`` file of a CPN.
         num_channels: channels of the new model (``spec.num_channels``).
         input_shape, backbone, pyramid_channels, name: override what is inferred from the
             source (a bare ``.weights.h5`` carries no input shape: default (256, 192, 3)).
@@ -93,33 +96,56 @@ def retarget(
     """
     model = _load_source(source, backbone, pyramid_channels)
     arch = infer_architecture(model)
-    target = build_cpn(
+    target = build_heatmap_model(
         num_channels,
         input_shape=tuple(input_shape or arch["input_shape"]),
         backbone=backbone or arch["backbone"],
-        pyramid_channels=int(pyramid_channels or arch["pyramid_channels"]),
+        head=arch["head"],
+        head_channels=int(pyramid_channels or arch["pyramid_channels"]),
+        alpha=arch["alpha"],
         name=name or model.name,
     )
     return target, transfer_weights(model, target)
 
 
+#: A layer that only the named backbone has, checked in this order.
+_BACKBONE_MARKERS: tuple[tuple[str, str], ...] = (
+    (RESNET_TAPS["resnet101"][2], "resnet101"),
+    (RESNET_TAPS["resnet50"][2], "resnet50"),
+    ("hrnet_stem1_conv", "hrnet_w32"),
+    (LIGHT_TAPS["mobilenetv2"][2], "mobilenetv2"),
+    (LIGHT_TAPS["efficientnetb0"][2], "efficientnetb0"),
+    ("tiny_stem_conv", "tiny"),
+)
+
+
 def infer_architecture(model: keras.Model) -> dict:
-    """Backbone, input shape, pyramid width and channel count of a kpnet CPN model."""
+    """Backbone, head, input shape, head width, width multiplier and channel count of a model.
+
+    ``pyramid_channels`` is CPN's pyramid width or SimpleBaseline's deconvolution width
+    (256 for the ``hrnet`` head, which has neither).
+    """
     names = {layer.name for layer in model.layers}
-    if RESNET_TAPS["resnet101"][2] in names:
-        backbone = "resnet101"
-    elif RESNET_TAPS["resnet50"][2] in names:
-        backbone = "resnet50"
-    elif "tiny_stem_conv" in names:
-        backbone = "tiny"
+    backbone = next((b for marker, b in _BACKBONE_MARKERS if marker in names), None)
+    if backbone is None:
+        raise ValueError(f"model {model.name!r} is not a kpnet model (no known backbone layers)")
+    if "refine_head_conv" not in names:
+        raise ValueError(f"model {model.name!r} is not a kpnet heatmap model (no head)")
+    if "global_lateral_p2_conv" in names:
+        head, width = "cpn", model.get_layer("global_lateral_p2_conv").filters
+    elif "simple_deconv1_conv" in names:
+        head, width = "simple_baseline", model.get_layer("simple_deconv1_conv").filters
     else:
-        raise ValueError(f"model {model.name!r} is not a kpnet CPN (no known backbone layers)")
-    if "global_lateral_p2_conv" not in names or "refine_head_conv" not in names:
-        raise ValueError(f"model {model.name!r} is not a kpnet CPN (no GlobalNet/RefineNet)")
+        head, width = "hrnet", 256
+    alpha = 1.0
+    if backbone == "mobilenetv2":  # block 16 projects to make_divisible(320 * alpha, 8)
+        alpha = round(model.get_layer("block_16_project").filters / 320, 2)
     return {
         "backbone": backbone,
+        "head": head,
         "input_shape": tuple(int(v) for v in model.input_shape[1:]),
-        "pyramid_channels": int(model.get_layer("global_lateral_p2_conv").filters),
+        "pyramid_channels": int(width),
+        "alpha": alpha,
         "num_channels": int(model.get_layer("refine_head_conv").filters),
     }
 
