@@ -37,13 +37,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from kpnet import fs
 from kpnet.data.records import DataError
 
 RESCORE_THRESHOLD = 0.2
@@ -253,7 +253,7 @@ class _Outputs:
         for writer in self.videos.values():
             writer.close()
             self.drawn.append(str(writer.path))
-        write_json_atomic(self.output, self.results)
+        fs.write_atomic(self.output, json.dumps(self.results))
         csvs = []
         for source, rows in self.tables.items():
             suffix = f"_{Path(source).stem}" if len(self.tables) > 1 else ""
@@ -280,16 +280,3 @@ def coco_result(xy: np.ndarray, scores: np.ndarray, det: dict, image_id: int, na
         "bbox": [round(float(v), 2) for v in box] if box is not None else None,
         "file_name": name,
     }
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON via a temporary file, so a failed run never truncates an old output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

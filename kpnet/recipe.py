@@ -44,6 +44,7 @@ from pydantic import (
     model_validator,
 )
 
+from kpnet import fs
 from kpnet.codec import (
     DEFAULT_GLOBAL_SIGMAS,
     DEFAULT_PADDING,
@@ -384,8 +385,6 @@ class Recipe(_Strict):
 
     def check_files(self) -> None:
         """Raise RecipeError naming the key of every input path that does not exist."""
-        from kpnet import fs
-
         missing = []
         for key, path in _input_paths(self):
             try:
@@ -405,14 +404,8 @@ class Recipe(_Strict):
         Atomic: written to a temporary file beside ``path``, then renamed over it.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = self.model_dump(mode="json")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        fs.write_atomic(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
         return path
 
 

@@ -49,6 +49,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from kpnet import fs
 from kpnet.callbacks import Backup, GuardedCheckpoint, KeypointMetrics, NaNGuard, read_backup
 from kpnet.data.records import InstanceRecord
 from kpnet.data.sources import (
@@ -543,16 +544,6 @@ def _short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _save_model_atomic(model: keras.Model, path: Path) -> None:
     """``model.save(path)`` via a temporary ``.keras`` file beside it (Keras wants the suffix)."""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
@@ -567,8 +558,8 @@ def _write_run_files(recipe: Recipe, out: Path, spec: KeypointSpec) -> None:
     """``recipe.resolved.yaml``, ``spec.json`` and ``codec.json``, each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     recipe.save(out / "recipe.resolved.yaml")
-    _write_atomic(out / "spec.json", json.dumps(spec.to_dict(), indent=2))
-    _write_atomic(out / "codec.json", json.dumps(recipe.codec().to_dict(), indent=2))
+    fs.write_atomic(out / "spec.json", json.dumps(spec.to_dict(), indent=2))
+    fs.write_atomic(out / "codec.json", json.dumps(recipe.codec().to_dict(), indent=2))
 
 
 def nonfinite_weights(path: str | Path) -> list[str]:
@@ -924,7 +915,7 @@ def _finalize(run: _Run, val: list[InstanceRecord]) -> dict[str, Any]:
         kp_model = _keypoints_model(model, run.recipe, run.spec)
         _save_model_atomic(kp_model, out / "keypoints.keras")
         result["keypoints_model"] = str(out / "keypoints.keras")
-    _write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    fs.write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     if kp_model is not None and run.recipe.export.saved_model:
         from kpnet.export import export_saved_model
 

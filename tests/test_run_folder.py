@@ -255,7 +255,7 @@ def test_a_failing_save_leaves_the_old_outputs(finished, tiny, tmp_path, monkeyp
 
 
 def test_write_atomic_keeps_the_old_file_when_the_rename_fails(tmp_path, monkeypatch):
-    import kpnet.train
+    from kpnet import fs
 
     path = tmp_path / "metrics.json"
     path.write_text("old")
@@ -263,7 +263,7 @@ def test_write_atomic_keeps_the_old_file_when_the_rename_fails(tmp_path, monkeyp
     def fail(src, dst):
         raise OSError("rename failed")
 
-    monkeypatch.setattr(kpnet.train.os, "replace", fail)
+    monkeypatch.setattr(fs.os, "replace", fail)
     with pytest.raises(OSError, match="rename failed"):
-        kpnet.train._write_atomic(path, "new")
+        fs.write_atomic(path, "new")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

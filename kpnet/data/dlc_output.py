@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -48,6 +49,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kpnet import fs
 from kpnet.data.records import DataError
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,7 @@ def write_dlc_csv(
     keypoints: np.ndarray,
     likelihood: np.ndarray,
 ) -> Path:
-    """Write predictions as a DeepLabCut CSV, atomically (temp file, then ``os.replace``).
+    """Write predictions as a DeepLabCut CSV, atomically (:func:`kpnet.fs.write_atomic`).
 
     Args:
         path: the CSV to write (its folder is created).
@@ -114,17 +116,10 @@ def write_dlc_csv(
         for (x, y), p in zip(frame_xy, frame_lik, strict=True):
             row += [_cell(x, XY_DECIMALS), _cell(y, XY_DECIMALS), _cell(p, LIKELIHOOD_DECIMALS)]
         rows.append(row)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            csv.writer(f, lineterminator="\n").writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    fs.write_atomic(path, text.getvalue())
+    return Path(path)
 
 
 def write_dlc_h5(
