@@ -19,8 +19,8 @@ one JSON line:
   of ``kpnet predict``; no flip test, no precise BN). With so few steps these compare how fast
   each model starts to learn from scratch, not converged accuracy.
 
-``--quick``: 1 timed step and 30 training steps (a smoke run; 47 minutes for the five default
-models on a 2-core machine shared with other jobs, mostly ``kpnet fit``'s fixed costs).
+``--quick``: 1 timed step and 30 training steps (a smoke run; about 23 minutes for the five default
+models on a quiet 2-core machine, mostly ``kpnet fit``'s fixed costs).
 """
 
 from __future__ import annotations
