@@ -146,8 +146,15 @@ def _gaussian_targets(keypoints: np.ndarray, shape, sigma: float) -> np.ndarray:
     return np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * sigma**2)).astype("float32")
 
 
-def torch_step(model: TorchCPN, batch: int, input_size, keypoints: int) -> Callable[[], float]:
-    """One training step of pytorch-cpn's train.py (Adam, global L2 + OHKM top 8)."""
+def torch_step(model: TorchCPN, batch: int, input_size, keypoints: int,
+               precision: str = "float32") -> Callable[[], float]:
+    """One training step of pytorch-cpn's train.py (Adam, global L2 + OHKM top 8).
+
+    ``precision="mixed_bfloat16"``: the forward pass under ``torch.autocast("cpu",
+    torch.bfloat16)`` (PyTorch's counterpart of Keras' mixed_bfloat16; weights stay float32).
+    """
+    if precision not in ("float32", "mixed_bfloat16"):
+        raise ValueError(f"torch reference: precision {precision!r} not supported on a CPU")
     rng = np.random.default_rng(0)
     h, w = input_size[0] // 4, input_size[1] // 4
     images = torch.from_numpy(rng.uniform(0, 255, (batch, 3, *input_size)).astype("float32"))
@@ -158,8 +165,12 @@ def torch_step(model: TorchCPN, batch: int, input_size, keypoints: int) -> Calla
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4, weight_decay=1e-5)
     model.train()
 
+    autocast = precision == "mixed_bfloat16"
+
     def step() -> float:
-        global_outs, refine = model(images)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            global_outs, refine = model(images)
+        global_outs, refine = [o.float() for o in global_outs], refine.float()
         loss = 0.0
         for out, target in zip(global_outs, targets, strict=True):
             loss = loss + F.mse_loss(out * valid[..., None], target * valid[..., None]) / 2

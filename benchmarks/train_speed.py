@@ -14,12 +14,14 @@ Cases (``--cases``, run in this order in ONE process, so their ratios are side b
 * ``infer``: the heatmap model and the keypoints model (decoding inside the graph, no flip
   test) through ``predict_on_batch`` on device-resident uint8 images.
 * ``torch``: a PyTorch CPN-50 (pytorch-cpn's layout: ResNet-50, GlobalNet, RefineNet with
-  OHKM top 8, heatmap targets precomputed as pytorch-cpn's loader does, Adam), float32,
-  channels-last on the CPU; skipped (one line saying so) when torch is not installed.
+  OHKM top 8, heatmap targets precomputed as pytorch-cpn's loader does, Adam), float32 or,
+  for ``mixed_bfloat16``, bf16 autocast; channels-last on the CPU; skipped (one line saying
+  so) when torch is not installed.
 
 Every record has ``img_s`` (images per second) and ``step_ms`` (median over ``--steps``
 timed steps, after ``--warmup`` untimed ones), the backend, device and precision.
-``step_vs_torch`` (in ``summary``) is kpnet's step time over the PyTorch CPN's, same batch;
+``step_vs_torch`` (in ``summary``) is kpnet's step time over the PyTorch CPN's, same batch
+and precision;
 with both ``step`` and ``torch``, a ``paired`` record times the two steps in alternation
 (``--paired-rounds``) and gives the median per-round ratio, the figure to quote on a shared
 machine.
@@ -301,8 +303,9 @@ def run_fit(args, spec, precision: str, batch: int) -> dict:
                    steps_per_execution=args.steps_per_execution)  # fmt: skip
 
 
-def run_torch(args, batch: int) -> dict:
-    """A PyTorch CPN-50 training step (float32, CPU), pytorch-cpn's losses and loop."""
+def run_torch(args, batch: int, precision: str = "float32") -> dict:
+    """A PyTorch CPN-50 training step (CPU; float32, or bf16 autocast for mixed_bfloat16),
+    pytorch-cpn's losses and loop."""
     try:
         import torch
     except ImportError:
@@ -312,14 +315,14 @@ def run_torch(args, batch: int) -> dict:
     torch.manual_seed(0)
     model = build_torch_cpn(args.keypoints, tuple(args.input_size))
     model = model.to(memory_format=torch.channels_last)
-    step = torch_step(model, batch, tuple(args.input_size), args.keypoints)
+    step = torch_step(model, batch, tuple(args.input_size), args.keypoints, precision)
     first, seconds = _timed(step, args.warmup, args.steps)
-    _STEPS[("torch", "float32", batch)] = step
+    _STEPS[("torch", precision, batch)] = step
     return {
         "case": "torch", "backend": f"torch {torch.__version__}",
         "device": f"cpu:{_cpu_model()} x{os.cpu_count()} cores",
         "model": "pytorch-cpn-resnet50", "input": list(args.input_size),
-        "keypoints": args.keypoints, "precision": "float32", "batch": batch,
+        "keypoints": args.keypoints, "precision": precision, "batch": batch,
         "img_s": round(batch / seconds, 2), "step_ms": round(1000 * seconds, 1),
         "first_call_s": round(first, 1), "threads": torch.get_num_threads(),
     }  # fmt: skip
@@ -356,7 +359,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for case in args.cases:
         for batch in args.batch:
             if case == "torch":
-                emit(run_torch(args, batch))
+                for precision in args.precision:
+                    if precision != "mixed_float16":  # no float16 autocast on a CPU
+                        emit(run_torch(args, batch, precision))
                 continue
             for precision in args.precision:
                 keras.mixed_precision.set_global_policy(precision)
@@ -371,9 +376,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 finally:
                     keras.mixed_precision.set_global_policy("float32")
     for batch in args.batch:
-        if args.paired_rounds and ("torch", "float32", batch) in _STEPS:
+        if args.paired_rounds:
             for precision in args.precision:
-                if ("step", precision, batch) in _STEPS:
+                if ("step", precision, batch) in _STEPS and ("torch", precision, batch) in _STEPS:
                     emit(paired(precision, batch, args.paired_rounds))
     emit(summary(records))
     return records
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def paired(precision: str, batch: int, rounds: int) -> dict:
     """kpnet's step and the PyTorch CPN's step timed in alternation, ``rounds`` times: the
     median of the per-round ratios is steady on a shared machine, where load drifts."""
-    kp, pt = _STEPS["step", precision, batch], _STEPS["torch", "float32", batch]
+    kp, pt = _STEPS["step", precision, batch], _STEPS["torch", precision, batch]
     ratios, kp_s, pt_s = [], [], []
     for _ in range(rounds):
         kp_s.append(_timed(kp, 0, 1)[1])
@@ -401,7 +406,7 @@ def summary(records: list[dict]) -> dict:
     by = {(r["case"], r.get("precision"), r.get("batch")): r for r in records if "step_ms" in r}
     for (case, precision, batch), rec in list(by.items()):
         key = f"{precision}_b{batch}"
-        torch_rec = by.get(("torch", "float32", batch))
+        torch_rec = by.get(("torch", precision, batch))
         if case == "step" and torch_rec:
             out[f"step_vs_torch_{key}"] = round(rec["step_ms"] / torch_rec["step_ms"], 3)
         if case == "fit" and ("step", precision, batch) in by:

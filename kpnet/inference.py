@@ -28,6 +28,7 @@ import numpy as np
 from keras import ops
 
 from kpnet import codec as codec_lib
+from kpnet.models.fused_bn import fuse_batchnorm
 from kpnet.spec import KeypointSpec, SpecError
 
 HEATMAP_MODEL_NAME = "heatmaps"
@@ -260,6 +261,7 @@ def load_model(
     path = resolve_model_path(path)
     _register_model_layers()
     model = keras.saving.load_model(path, compile=False, safe_mode=True)  # inference only
+    fuse_batchnorm(model)
     decoders = [layer for layer in model.layers if isinstance(layer, KeypointDecoder)]
     if decoders:
         if not options and codec is None:

@@ -59,6 +59,7 @@ from kpnet.data.sources import (
     pipeline_config,
     split_by_image,
 )
+from kpnet.models.fused_bn import fuse_batchnorm
 from kpnet.recipe import Recipe
 from kpnet.saving import register_keras_objects
 from kpnet.schedules import EpochSchedule
@@ -907,6 +908,7 @@ def _finalize(run: _Run, val: list[InstanceRecord]) -> dict[str, Any]:
         return result
     register_keras_objects()  # a finished run re-run in a new process has built no model
     model = keras.saving.load_model(best, safe_mode=True)
+    fuse_batchnorm(model)
     metrics = _final_metrics(run, model, val)
     _check_finite_metrics(run, best, metrics)
     result["metrics"] = metrics

@@ -30,6 +30,7 @@ from keras import layers
 from kpnet.codec import OUTPUT_NAMES
 from kpnet.models.backbones import DEFAULT_BN_MOMENTUM, build_backbone, set_bn_momentum
 from kpnet.models.cpn import global_net, refine_net
+from kpnet.models.fused_bn import fuse_batchnorm
 from kpnet.models.hrnet import HRNET_WIDTHS
 
 HEADS: tuple[str, ...] = ("cpn", "simple_baseline", "hrnet")
@@ -112,6 +113,7 @@ def build_heatmap_model(
     }
     model = keras.Model(images, outputs, name=name or head)
     set_bn_momentum(model, bn_momentum)
+    fuse_batchnorm(model)
     return model
 
 
