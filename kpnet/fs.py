@@ -75,9 +75,15 @@ def resolve(path: PathLike, base: PathLike) -> str:
     return f"{scheme}://{posixpath.normpath(posixpath.join(rest, path))}"
 
 
+def dirname(path: PathLike) -> str:
+    path = os.fspath(path)
+    return posixpath.dirname(path.rstrip("/")) if is_url(path) else os.path.dirname(path)
+
+
 def basename(path: PathLike) -> str:
-    path = os.fspath(path).rstrip("/") if is_url(path) else os.fspath(path)
-    return posixpath.basename(path) if is_url(path) else os.path.basename(path)
+    """The last part of ``path`` (of a URL, without its trailing ``/``)."""
+    path = os.fspath(path)
+    return posixpath.basename(path.rstrip("/")) if is_url(path) else os.path.basename(path)
 
 
 def child(base: PathLike, *parts: str) -> str | Path:
@@ -88,25 +94,6 @@ def child(base: PathLike, *parts: str) -> str | Path:
 def parent(path: PathLike) -> str | Path:
     """The folder holding ``path``: ``Path.parent`` locally, a string for a URL."""
     return as_path(dirname(path)) if is_url(path) else Path(path).parent
-
-
-def io_errors() -> tuple[type[BaseException], ...]:
-    """What a failed read or write raises: ``OSError``, and TensorFlow's ``OpError`` once
-    TensorFlow is imported (``tf.io.gfile`` on a URL). Use as ``except fs.io_errors():``."""
-    tf = sys.modules.get("tensorflow")
-    errors = getattr(tf, "errors", None)
-    return (OSError,) if errors is None else (OSError, errors.OpError)
-
-
-def reason(err: BaseException) -> str:
-    """The first line of an error's message (TensorFlow's ``OpError.message`` for URLs)."""
-    text = str(getattr(err, "message", None) or err) or type(err).__name__
-    return text.splitlines()[0][:200]
-
-
-def dirname(path: PathLike) -> str:
-    path = os.fspath(path)
-    return posixpath.dirname(path.rstrip("/")) if is_url(path) else os.path.dirname(path)
 
 
 def exists(path: PathLike) -> bool:
@@ -292,3 +279,17 @@ def rmtree(path: PathLike) -> None:
             _gfile().rmtree(os.fspath(path))
     else:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def io_errors() -> tuple[type[BaseException], ...]:
+    """What a failed read or write raises: ``OSError``, and TensorFlow's ``OpError`` once
+    TensorFlow is imported (``tf.io.gfile`` on a URL). Use as ``except fs.io_errors():``."""
+    tf = sys.modules.get("tensorflow")
+    errors = getattr(tf, "errors", None)
+    return (OSError,) if errors is None else (OSError, errors.OpError)
+
+
+def reason(err: BaseException) -> str:
+    """The first line of an error's message (TensorFlow's ``OpError.message`` for URLs)."""
+    text = str(getattr(err, "message", None) or err) or type(err).__name__
+    return text.splitlines()[0][:200]

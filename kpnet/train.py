@@ -574,7 +574,8 @@ def _write_run_files(recipe: Recipe, out: str, spec: KeypointSpec) -> None:
 def nonfinite_weights(path: str | Path) -> list[str]:
     """Names of the float variables of a ``.keras`` file holding NaN or inf (optimizer included).
 
-    Reads the weights file inside the archive with h5py; builds no model.
+    Reads the weights file inside the archive (a local path or a URL) with h5py; builds no
+    model.
     """
     import zipfile
 
@@ -587,7 +588,7 @@ def nonfinite_weights(path: str | Path) -> list[str]:
             if not np.isfinite(obj[()]).all():
                 bad.append(name)
 
-    with zipfile.ZipFile(io.BytesIO(fs.read_bytes(path))) as archive:
+    with fs.local_copy(path) as local, zipfile.ZipFile(local) as archive:
         if "model.weights.h5" not in archive.namelist():
             return bad
         data = io.BytesIO(archive.read("model.weights.h5"))
