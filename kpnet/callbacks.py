@@ -1,4 +1,6 @@
-"""Keras callbacks used by :func:`kpnet.train.fit`: backups, NaN guard, keypoint metrics.
+"""Keras callbacks used by :func:`kpnet.train.fit`: backups, history, NaN guard, metrics.
+
+Every file they write goes through :mod:`kpnet.fs`, so the run folder may be a URL.
 
 Example:
     >>> guard = NaNGuard()
@@ -8,13 +10,17 @@ Example:
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
+import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import keras
+
+from kpnet import fs
 
 BACKUP_WEIGHTS = "latest.weights.h5"
 BACKUP_META = "training_metadata.json"
@@ -60,17 +66,18 @@ class Backup(keras.callbacks.Callback):
     is done by the caller (:func:`read_backup` + ``model.load_weights``).
 
     Args:
-        backup_dir: folder for ``latest.weights.h5`` and ``training_metadata.json``.
+        backup_dir: folder (or URL) for ``latest.weights.h5`` and ``training_metadata.json``.
         phase: index of the training phase this fit call runs.
         guard: backups are skipped once the guard saw a non-finite loss.
         every_steps: also back up every N training steps (the epoch restarts on resume).
     """
 
     def __init__(
-        self, backup_dir: Path, phase: int, guard: NaNGuard, every_steps: int | None = None
-    ) -> None:
+        self, backup_dir: str | os.PathLike, phase: int, guard: NaNGuard,
+        every_steps: int | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
-        self.dir = Path(backup_dir)
+        self.dir = os.fspath(backup_dir)
         self.phase = phase
         self.guard = guard
         self.every_steps = every_steps
@@ -90,24 +97,65 @@ class Backup(keras.callbacks.Callback):
             self._save(epoch + 1)
 
     def _save(self, completed_epochs: int) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / ("tmp-" + BACKUP_WEIGHTS)
-        self.model.save_weights(tmp, overwrite=True)
-        tmp.replace(self.dir / BACKUP_WEIGHTS)
+        # each file atomic (kpnet.fs): a kill -9 never leaves half a file; the weights first
+        with fs.staged(fs.join(self.dir, BACKUP_WEIGHTS)) as tmp:
+            self.model.save_weights(tmp, overwrite=True)
         meta = {"epoch": completed_epochs, "phase": self.phase}
-        tmp_meta = self.dir / ("tmp-" + BACKUP_META)
-        tmp_meta.write_text(json.dumps(meta))
-        tmp_meta.replace(self.dir / BACKUP_META)  # atomic: a kill -9 never leaves half a file
+        fs.write_atomic(fs.join(self.dir, BACKUP_META), json.dumps(meta))
 
 
-def read_backup(backup_dir: Path) -> dict[str, Any] | None:
-    """``{"epoch": completed epochs, "phase": i, "weights": path}`` or None when absent."""
-    meta_path = Path(backup_dir) / BACKUP_META
-    weights = Path(backup_dir) / BACKUP_WEIGHTS
-    if not (meta_path.is_file() and weights.is_file()):
+def read_backup(backup_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """``{"epoch": completed epochs, "phase": i, "weights": path}`` or None when absent.
+
+    ``backup_dir`` may be a URL; ``weights`` is then a URL too (load it through
+    :func:`kpnet.fs.local_copy`).
+    """
+    meta_path = fs.join(backup_dir, BACKUP_META)
+    weights = fs.join(backup_dir, BACKUP_WEIGHTS)
+    if not (fs.isfile(meta_path) and fs.isfile(weights)):
         return None
-    meta = json.loads(meta_path.read_text())
+    meta = json.loads(fs.read_text(meta_path))
     return {"epoch": int(meta["epoch"]), "phase": int(meta["phase"]), "weights": weights}
+
+
+class HistoryCSV(keras.callbacks.Callback):
+    """One row per epoch in a CSV file, as ``keras.callbacks.CSVLogger(path, append=True)``
+    writes it (``epoch`` then the sorted log keys, fixed at the first epoch of each fit).
+
+    The whole file is rewritten atomically after every epoch (:func:`kpnet.fs.write_atomic`)
+    instead of appended to: object stores cannot append, Keras' logger fails on a URL, and a
+    killed run never leaves half a row.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__()
+        self.path = os.fspath(path)
+        self.keys: list[str] | None = None
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.keys = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs or {}
+        if self.keys is None:
+            self.keys = sorted(logs)
+            if self.keys and not any(k.startswith("val_") for k in self.keys):
+                self.keys += [f"val_{k}" for k in self.keys]  # as CSVLogger does
+        old = fs.read_text(self.path) if fs.isfile(self.path) else ""
+        text = io.StringIO(newline="")
+        text.write(old)
+        writer = csv.DictWriter(text, fieldnames=["epoch", *self.keys])
+        if not old:
+            writer.writeheader()
+        writer.writerow({"epoch": epoch, **{k: _cell(logs.get(k, "NA")) for k in self.keys}})
+        fs.write_atomic(self.path, text.getvalue())
+
+
+def _cell(value: Any) -> Any:
+    """A log value as CSVLogger writes it (a sequence as ``"[a, b]"``)."""
+    if isinstance(value, str) or not hasattr(value, "__iter__") or getattr(value, "ndim", 1) == 0:
+        return value
+    return f'"[{", ".join(map(str, value))}]"'
 
 
 class GuardedCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -159,7 +207,7 @@ class KeypointMetrics(keras.callbacks.Callback):
         if logs is None or self.guard.triggered or not _finite(logs):
             return
         if (epoch + 1) % self.every and epoch != self.last_epoch:
-            # NaN placeholders: CSVLogger fixes its columns at the first epoch
+            # NaN placeholders: HistoryCSV fixes its columns at the first epoch
             overall = {}
         else:
             overall = self.evaluate(self.model)["overall"]

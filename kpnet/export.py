@@ -35,7 +35,6 @@ makes them (:func:`kpnet.crops.sample_crops`: anti-aliased, bilinear) and
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +42,7 @@ from pathlib import Path
 import keras
 import tensorflow as tf
 
+from kpnet import fs
 from kpnet.codec import Codec, crop_to_image
 from kpnet.crops import sample_crops
 from kpnet.inference import codec_of, decoder_of, load_model, with_heatmaps
@@ -67,21 +67,22 @@ def export_saved_model(
     input_size: Sequence[int] | None = None,
     padding: Sequence[float] | None = None,
     flip_test: bool | None = None,
-) -> Path:
+) -> str | Path:
     """Write a TF Serving SavedModel of a keypoints model (signatures: see the module doc).
 
     Args:
         keypoints_model_or_path: a keypoints model (:func:`kpnet.inference.load_model`) or
-            the path of a ``.keras`` keypoints / heatmap model or of a run folder.
-        out_dir: SavedModel directory (TF Serving wants ``.../<name>/<version>``); replaced
-            only once the new export is complete.
+            the path (or URL) of a ``.keras`` keypoints / heatmap model or of a run folder.
+        out_dir: SavedModel directory (TF Serving wants ``.../<name>/<version>``), local or
+            a URL (``gs://...``); replaced only once the new export is complete
+            (:func:`kpnet.fs.staged_folder`).
         spec: keypoint spec; default: the one inside the model's decoder layer.
         input_size: (in_h, in_w) crop size; default (and must match) the model's input.
         padding: box padding (x, y) of top-down crops; default: the model's codec's.
         flip_test: (path only) change the model's flip test.
 
     Returns:
-        The SavedModel directory.
+        The SavedModel directory (a ``Path``, or a string for a URL).
     """
     if keras.backend.backend() != "tensorflow":
         return _export_with_tensorflow(keypoints_model_or_path, out_dir, spec, input_size,
@@ -93,24 +94,20 @@ def export_saved_model(
         codec = codec.replace(padding=tuple(padding))
     _check_input_size(model, input_size)
     module = KeypointServingModule(model, spec, codec)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        spec_file = tmp / "spec.json"  # becomes assets/spec.json inside the SavedModel
+    out_dir = fs.as_path(out_dir)
+    with tempfile.TemporaryDirectory(prefix="kpnet-export-") as local:
+        spec_file = Path(local) / "spec.json"  # becomes assets/spec.json inside the SavedModel
         spec_file.write_text(json.dumps(spec.to_dict(), indent=2))
         module.spec_asset = tf.saved_model.Asset(str(spec_file))
         signatures = {name: getattr(module, name) for name in SIGNATURES}
-        tf.saved_model.save(module, str(tmp / "saved_model"), signatures=signatures)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        (tmp / "saved_model").rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with fs.staged_folder(out_dir) as tmp:  # tf.saved_model writes URLs itself
+            tf.saved_model.save(module, tmp, signatures=signatures)
     return out_dir
 
 
-def _export_with_tensorflow(model_or_path, out_dir, spec, input_size, padding, flip_test) -> Path:
+def _export_with_tensorflow(
+    model_or_path, out_dir, spec, input_size, padding, flip_test
+) -> str | Path:
     """Export from another Keras backend (JAX): the model is saved as ``.keras`` (if not a
     path already) and exported by a ``KERAS_BACKEND=tensorflow`` subprocess, since SavedModel
     signatures are TensorFlow graphs. The weights are the same file, so the keypoints are too.
@@ -135,7 +132,7 @@ def _export_with_tensorflow(model_or_path, out_dir, spec, input_size, padding, f
     if proc.returncode != 0:
         lines = (proc.stderr or proc.stdout).strip().splitlines() or ["no output"]
         raise ValueError(f"export_saved_model: the TensorFlow export of {path} failed: {lines[-1]}")
-    return Path(out_dir)
+    return fs.as_path(out_dir)
 
 
 _EXPORT_SCRIPT = """

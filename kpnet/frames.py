@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -37,6 +38,7 @@ from typing import IO, TypeVar
 
 import numpy as np
 
+from kpnet import fs
 from kpnet.data.records import DataError
 
 PathLike = str | os.PathLike
@@ -301,12 +303,28 @@ def count_frames(inputs: Sequence[PathLike]) -> int | None:
 
 
 # --------------------------------------------------------------------------- writing
+def write_image(path: PathLike, image: np.ndarray) -> None:
+    """Write an RGB uint8 image, encoded by its suffix (.jpg, .png, ...), atomically
+    (:func:`kpnet.fs.write_atomic`); ``path`` may be a URL."""
+    import cv2
+
+    suffix = os.path.splitext(fs.basename(path))[1].lower() or ".png"
+    try:
+        ok, data = cv2.imencode(suffix, cv2.cvtColor(np.asarray(image), cv2.COLOR_RGB2BGR))
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise DataError(f"{path}: cannot encode a {suffix} image; use .jpg or .png")
+    fs.write_atomic(path, data.tobytes())
+
+
 class VideoWriter:
     """Write RGB uint8 frames to an mp4 (``mp4v``) or avi (``MJPG``) video with OpenCV.
 
-    The file is written under a temporary name beside ``path`` and renamed when the writer
-    closes without an error, so a failed run never leaves half a video (or clobbers an old
-    one). The frame size comes from the first frame unless given.
+    The file is written under a temporary name (:func:`kpnet.fs.staged`: beside ``path``, or
+    a local file for a URL) and put in place when the writer closes without an error, so a
+    failed run never leaves half a video (or clobbers an old one). The frame size comes from
+    the first frame unless given.
 
     Example:
         >>> import tempfile, pathlib, numpy as np
@@ -322,8 +340,8 @@ class VideoWriter:
         self, path: PathLike, fps: float = 30.0, size: tuple[int, int] | None = None,
         fourcc: str | None = None,
     ) -> None:  # fmt: skip
-        self.path = Path(path)
-        suffix = self.path.suffix.lower()
+        self.path = fs.as_path(path)  # a URL stays a string
+        suffix = os.path.splitext(fs.basename(self.path))[1].lower()
         if fourcc is None and suffix not in _FOURCC:
             raise DataError(
                 f"{self.path}: cannot write a {suffix or 'suffix-less'} video; use one of "
@@ -333,7 +351,8 @@ class VideoWriter:
         self.fps = float(fps) if fps and math.isfinite(fps) and fps > 0 else 30.0
         self.size = tuple(size) if size is not None else None  # (height, width)
         self.frames = 0
-        self._tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+        self._staging: contextlib.ExitStack | None = None
+        self._tmp = ""
         self._writer = None
         if self.size is not None:
             self._open()
@@ -341,14 +360,15 @@ class VideoWriter:
     def _open(self) -> None:
         import cv2
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._staging = contextlib.ExitStack()
+        self._tmp = self._staging.enter_context(fs.staged(self.path))
         h, w = self.size
         writer = cv2.VideoWriter(
-            str(self._tmp), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (int(w), int(h))
+            self._tmp, cv2.VideoWriter_fourcc(*self.fourcc), self.fps, (int(w), int(h))
         )
         if not writer.isOpened():
             writer.release()
-            self._tmp.unlink(missing_ok=True)
+            self._finish(keep=False)
             raise DataError(
                 f"{self.path}: OpenCV cannot write this video (codec {self.fourcc}, "
                 f"{w}x{h} at {self.fps:g} fps); try an .avi (MJPG) or .mp4 (mp4v) file name"
@@ -380,9 +400,16 @@ class VideoWriter:
         if self._writer is not None:
             self._writer.release()
             self._writer = None
-            if keep and self.frames:
-                os.replace(self._tmp, self.path)
-        self._tmp.unlink(missing_ok=True)
+        self._finish(keep and self.frames > 0)
+
+    def _finish(self, keep: bool) -> None:
+        """Put the staged file in place (``keep``) or drop it."""
+        if self._staging is None:
+            return
+        if not keep and os.path.exists(self._tmp):
+            os.remove(self._tmp)  # staged() then leaves the path as it was
+        staging, self._staging = self._staging, None
+        staging.close()
 
     def __enter__(self) -> VideoWriter:
         return self

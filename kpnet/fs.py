@@ -3,7 +3,10 @@
 Paths stay strings: ``pathlib.Path("gs://bucket/x")`` is ``gs:/bucket/x``, so a path that
 may be a URL (``gs://``, ``s3://``, ``hdfs://``, TensorFlow's in-memory ``ram://``) is never
 turned into a ``Path``. Local paths go through Python's own ``open`` / ``os`` (faster);
-URLs through ``tf.io.gfile``.
+URLs through ``tf.io.gfile``. Writers and readers that need a local file (Keras'
+``model.save``, h5py, OpenCV) go through :func:`staged` (write a local file, then put it in
+place atomically) and :func:`local_copy`; :func:`write_atomic` and :func:`staged_folder`
+replace a file or a folder only once the new one is complete.
 
 Example:
     >>> from kpnet import fs
@@ -16,10 +19,16 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import re
+import shutil
+import sys
+import tempfile
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import IO, Any
 
 PathLike = str | os.PathLike
@@ -38,15 +47,53 @@ def _gfile():
     return tf.io.gfile
 
 
+def as_path(path: PathLike) -> str | Path:
+    """A URL as a string (without a trailing ``/``), a local path as a ``Path``."""
+    return os.fspath(path).rstrip("/") if is_url(path) else Path(path)
+
+
 def join(base: PathLike, *parts: str) -> str:
     """``base/part/...`` as a string; URLs joined with ``/`` (``Path`` would drop a slash)."""
     base = os.fspath(base)
     return posixpath.join(base, *parts) if is_url(base) else os.path.join(base, *parts)
 
 
+def resolve(path: PathLike, base: PathLike) -> str:
+    """``path`` against the folder ``base`` (a URL or local), normalised; URLs and absolute
+    paths as they are.
+
+    Example:
+        >>> resolve("../data/a.json", "gs://bucket/recipes"), resolve("/x", "gs://b")
+        ('gs://bucket/data/a.json', '/x')
+    """
+    path = os.fspath(path)
+    if is_url(path) or os.path.isabs(path):
+        return path
+    if not is_url(base):
+        return os.path.normpath(os.path.join(os.fspath(base), path))
+    scheme, rest = os.fspath(base).split("://", 1)
+    return f"{scheme}://{posixpath.normpath(posixpath.join(rest, path))}"
+
+
 def dirname(path: PathLike) -> str:
     path = os.fspath(path)
-    return posixpath.dirname(path) if is_url(path) else os.path.dirname(path)
+    return posixpath.dirname(path.rstrip("/")) if is_url(path) else os.path.dirname(path)
+
+
+def basename(path: PathLike) -> str:
+    """The last part of ``path`` (of a URL, without its trailing ``/``)."""
+    path = os.fspath(path)
+    return posixpath.basename(path.rstrip("/")) if is_url(path) else os.path.basename(path)
+
+
+def child(base: PathLike, *parts: str) -> str | Path:
+    """``base / parts``: a ``Path`` when ``base`` is local, a string when it is a URL."""
+    return as_path(join(base, *parts))
+
+
+def parent(path: PathLike) -> str | Path:
+    """The folder holding ``path``: ``Path.parent`` locally, a string for a URL."""
+    return as_path(dirname(path)) if is_url(path) else Path(path).parent
 
 
 def exists(path: PathLike) -> bool:
@@ -102,19 +149,113 @@ def write_atomic(path: PathLike, data: bytes | str) -> None:
     The folder is created if needed; a reader never sees a half-written file (on object
     stores such as gs://, where a rename is a copy, the final object appears whole).
     """
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    with staged(path) as tmp, open(tmp, "wb") as f:
+        f.write(payload)
+
+
+def _temp_beside(path: str) -> str:
+    """A hidden temporary name beside ``path`` that ends like it (Keras wants ``.keras``)."""
+    return join(dirname(path), f".tmp.{os.getpid()}.{uuid.uuid4().hex[:8]}.{basename(path)}")
+
+
+@contextlib.contextmanager
+def staged(path: PathLike) -> Iterator[str]:
+    """A local file path to write; when the block ends without an error it becomes ``path``.
+
+    For a local ``path`` the file is a temporary one beside it, renamed over ``path``; for a
+    URL a file in a local temporary folder, copied to a temporary object beside ``path`` and
+    renamed over it. Either way ``path`` is replaced only by a complete file, its folder is
+    created if needed and nothing is left behind on failure; a block that writes no file
+    leaves ``path`` as it was. This is how kpnet writes what
+    needs a local file (``model.save``, ``save_weights``, OpenCV's video writer) to any path.
+
+    Example:
+        >>> with staged("ram://kpnet-doc/model.bin") as local, open(local, "wb") as f:
+        ...     _ = f.write(b"weights")
+        >>> read_bytes("ram://kpnet-doc/model.bin")
+        b'weights'
+    """
     path = os.fspath(path)
     folder = dirname(path)
     if folder:
         makedirs(folder)
-    tmp = join(folder, f".{posixpath.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    payload = data.encode("utf-8") if isinstance(data, str) else data
+    if not is_url(path):
+        tmp = _temp_beside(path)
+        try:
+            yield tmp
+            if os.path.lexists(tmp):
+                os.replace(tmp, path)
+        finally:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+        return
+    local_dir = tempfile.mkdtemp(prefix="kpnet-")
+    tmp = _temp_beside(path)
     try:
-        with open_file(tmp, "wb") as f:
-            f.write(payload)
-        rename(tmp, path)
+        local = os.path.join(local_dir, basename(path))
+        yield local
+        if os.path.exists(local):
+            _gfile().copy(local, tmp, overwrite=True)
+            rename(tmp, path)
     finally:
+        shutil.rmtree(local_dir, ignore_errors=True)
         if exists(tmp):
             remove(tmp)
+
+
+@contextlib.contextmanager
+def local_copy(path: PathLike) -> Iterator[str]:
+    """A local path holding the file ``path``: itself when local, else a temporary copy
+    (same file name) that is deleted when the block ends. For readers that need a local
+    file (``keras.saving.load_model``, h5py, pandas)."""
+    if not is_url(path):
+        yield os.fspath(path)
+        return
+    local_dir = tempfile.mkdtemp(prefix="kpnet-")
+    try:
+        local = os.path.join(local_dir, basename(path))
+        _gfile().copy(os.fspath(path), local, overwrite=True)
+        yield local
+    finally:
+        shutil.rmtree(local_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(path: PathLike) -> Iterator[str]:
+    """A temporary folder beside ``path`` to fill; when the block ends without an error it
+    replaces the folder ``path`` (on failure it is deleted and ``path`` is left as it was).
+
+    Locally the new folder is renamed into place. Object stores have no folder rename: the
+    files are moved one by one, deepest first, so the top-level files (a SavedModel's
+    ``saved_model.pb``) appear last.
+    """
+    path = os.fspath(as_path(path))  # no trailing "/": the temporary folder goes beside
+    folder = dirname(path)
+    if folder:
+        makedirs(folder)
+    tmp = _temp_beside(path)
+    makedirs(tmp)
+    try:
+        yield tmp
+        rmtree(path)
+        if is_url(path):
+            _move_files(tmp, path)
+        else:
+            os.rename(tmp, path)
+    finally:
+        rmtree(tmp)
+
+
+def _move_files(src: str, dst: str) -> None:
+    """Move every file under the URL folder ``src`` to the same place under ``dst``."""
+    files = []
+    for root, _, names in _gfile().walk(src):
+        rel = posixpath.relpath(root, src)
+        makedirs(join(dst, rel) if rel != "." else dst)  # empty folders too
+        files += [(join(root, n), posixpath.normpath(posixpath.join(rel, n))) for n in names]
+    for source, rel in sorted(files, key=lambda f: -f[1].count("/")):
+        rename(source, join(dst, rel))
 
 
 def rename(src: PathLike, dst: PathLike) -> None:
@@ -137,6 +278,18 @@ def rmtree(path: PathLike) -> None:
         if _gfile().exists(os.fspath(path)):
             _gfile().rmtree(os.fspath(path))
     else:
-        import shutil
-
         shutil.rmtree(path, ignore_errors=True)
+
+
+def io_errors() -> tuple[type[BaseException], ...]:
+    """What a failed read or write raises: ``OSError``, and TensorFlow's ``OpError`` once
+    TensorFlow is imported (``tf.io.gfile`` on a URL). Use as ``except fs.io_errors():``."""
+    tf = sys.modules.get("tensorflow")
+    errors = getattr(tf, "errors", None)
+    return (OSError,) if errors is None else (OSError, errors.OpError)
+
+
+def reason(err: BaseException) -> str:
+    """The first line of an error's message (TensorFlow's ``OpError.message`` for URLs)."""
+    text = str(getattr(err, "message", None) or err) or type(err).__name__
+    return text.splitlines()[0][:200]

@@ -28,6 +28,7 @@ import numpy as np
 from keras import ops
 
 from kpnet import codec as codec_lib
+from kpnet import fs
 from kpnet.models.fused_bn import fuse_batchnorm
 from kpnet.spec import KeypointSpec, SpecError
 
@@ -251,7 +252,8 @@ def load_model(
 
     Args:
         path: a ``.keras`` file holding a keypoints model or a heatmap model, or a run
-            folder (its ``keypoints.keras``, else ``best.keras`` / ``last.keras``).
+            folder (its ``keypoints.keras``, else ``best.keras`` / ``last.keras``); local or
+            a URL (``gs://...``, copied to a local temporary file to load).
         spec: spec of a heatmap model; default: ``spec.json`` beside ``path``.
         codec: codec of a heatmap model; default: ``codec.json`` beside ``path`` (written
             by ``kpnet fit``), else the defaults for the model's input size.
@@ -260,7 +262,8 @@ def load_model(
     """
     path = resolve_model_path(path)
     _register_model_layers()
-    model = keras.saving.load_model(path, compile=False, safe_mode=True)  # inference only
+    with fs.local_copy(path) as local:
+        model = keras.saving.load_model(local, compile=False, safe_mode=True)  # inference only
     fuse_batchnorm(model)
     decoders = [layer for layer in model.layers if isinstance(layer, KeypointDecoder)]
     if decoders:
@@ -277,45 +280,47 @@ def load_model(
 RUN_MODEL_FILES: tuple[str, ...] = ("keypoints.keras", "best.keras", "last.keras")
 
 
-def resolve_model_path(path: str | Path) -> Path:
-    """A ``.keras`` file as is; a run folder -> its model (:data:`RUN_MODEL_FILES` order)."""
-    path = Path(path)
-    if path.is_dir():
+def resolve_model_path(path: str | Path) -> str | Path:
+    """A ``.keras`` file as is; a run folder -> its model (:data:`RUN_MODEL_FILES` order).
+
+    A local path comes back as a ``Path``, a URL as a string."""
+    path = fs.as_path(path)
+    if fs.isdir(path):
         for name in RUN_MODEL_FILES:
-            if (path / name).is_file():
-                return path / name
+            if fs.isfile(fs.join(path, name)):
+                return fs.child(path, name)
         raise FileNotFoundError(f"{path}: a run folder needs one of {', '.join(RUN_MODEL_FILES)}")
-    if not path.is_file():
+    if not fs.isfile(path):
         raise FileNotFoundError(f"no model file at {path}")
-    if path.suffix != ".keras":
+    if not fs.basename(path).endswith(".keras"):
         raise FileNotFoundError(f"{path}: a model must be a .keras file or a run folder")
     return path
 
 
-def _saved_codec(path: Path) -> codec_lib.Codec | None:
+def _saved_codec(path: str | Path) -> codec_lib.Codec | None:
     """The codec in ``codec.json`` beside a heatmap model, or None."""
-    codec_file = path.with_name("codec.json")
-    if not codec_file.is_file():
+    codec_file = fs.child(fs.parent(path), "codec.json")
+    if not fs.isfile(codec_file):
         return None
     try:
-        return codec_lib.Codec.from_dict(json.loads(codec_file.read_text()))
+        return codec_lib.Codec.from_dict(json.loads(fs.read_text(codec_file)))
     except (json.JSONDecodeError, TypeError, ValueError) as err:
         raise SpecError(f"{codec_file}: not a kpnet codec ({err})") from None
 
 
-def _resolve_spec(spec: KeypointSpec | dict | None, path: Path) -> KeypointSpec:
+def _resolve_spec(spec: KeypointSpec | dict | None, path: str | Path) -> KeypointSpec:
     if isinstance(spec, KeypointSpec):
         return spec
     if spec is not None:
         return KeypointSpec.from_dict(spec)
-    spec_file = path.with_name("spec.json")
-    if not spec_file.is_file():
+    spec_file = fs.child(fs.parent(path), "spec.json")
+    if not fs.isfile(spec_file):
         raise SpecError(
             f"{path} is a heatmap model and no spec was given: pass spec=... or write the "
             f"KeypointSpec.to_dict() as JSON to {spec_file}"
         )
     try:
-        return KeypointSpec.from_dict(json.loads(spec_file.read_text()))
+        return KeypointSpec.from_dict(json.loads(fs.read_text(spec_file)))
     except (json.JSONDecodeError, SpecError) as err:
         raise SpecError(f"{spec_file}: {err}") from err
 

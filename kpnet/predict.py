@@ -66,6 +66,9 @@ def predict_inputs(
 ) -> dict[str, Any]:
     """Predict every frame of ``inputs`` (image files, folders, videos) with ``model``.
 
+    ``model`` (a ``.keras`` file or a run folder), ``output`` and ``draw`` may be URLs
+    (``gs://...``, written through :mod:`kpnet.fs`); the inputs are local files.
+
     Returns ``{"predictions", "frames", "json", "csv": [paths], "draw": [paths]}``.
     """
     from kpnet.frames import Progress, count_frames, iter_frames, list_inputs
@@ -81,7 +84,7 @@ def predict_inputs(
     predictor = Predictor(keypoints_model)
     if padding is not None:
         predictor.codec = predictor.codec.replace(padding=tuple(padding))
-    out = _Outputs(Path(output), predictor.spec, Path(model), draw, heatmaps, len(listed))
+    out = _Outputs(output, predictor.spec, model, draw, heatmaps, len(listed))
     total = count_frames(inputs)
     with Progress(total, "predict") as bar:
         items = _items(iter_frames(inputs), detections)
@@ -198,10 +201,13 @@ def _read_json(path: Path) -> Any:
 class _Outputs:
     """Collects results per input; writes the json, the DLC CSVs and the drawings."""
 
-    def __init__(self, output: Path, spec, model: Path, draw, heatmaps: bool, num_inputs: int):
-        self.output, self.spec, self.heatmaps = output, spec, heatmaps
-        self.scorer = f"kpnet_{model.resolve().name if model.is_dir() else model.stem}"
-        self.draw = Path(draw) if draw is not None else None
+    def __init__(
+        self, output: PathLike, spec, model: PathLike, draw: PathLike | None, heatmaps: bool,
+        num_inputs: int,
+    ) -> None:  # fmt: skip
+        self.output, self.spec, self.heatmaps = fs.as_path(output), spec, heatmaps
+        self.scorer = f"kpnet_{_model_name(model)}"
+        self.draw = fs.as_path(draw) if draw is not None else None
         self.results: list[dict[str, Any]] = []
         self.tables: dict[Path, list[tuple[str | int, np.ndarray, np.ndarray]]] = {}
         self.videos: dict[Path, Any] = {}
@@ -222,9 +228,7 @@ class _Outputs:
             self._draw(frame, xy, scores, extra)
 
     def _draw(self, frame, xy, scores, extra) -> None:
-        import cv2
-
-        from kpnet.frames import VideoWriter
+        from kpnet.frames import VideoWriter, write_image
         from kpnet.inference import draw_keypoints, heatmap_overlay
 
         canvas = frame.image
@@ -233,19 +237,17 @@ class _Outputs:
         if frame.is_video:
             writer = self.videos.get(frame.source)
             if writer is None:
-                path = self.draw / f"{frame.source.stem}_labelled.mp4"
+                path = fs.child(self.draw, f"{frame.source.stem}_labelled.mp4")
                 writer = self.videos[frame.source] = VideoWriter(path, fps=frame.fps)
             writer.write(canvas)
             return
-        self.draw.mkdir(parents=True, exist_ok=True)
-        out = self.draw / f"{frame.source.stem}.jpg"
-        if not cv2.imwrite(str(out), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
-            raise DataError(f"{out}: cannot write the drawing")
+        out = fs.child(self.draw, f"{frame.source.stem}.jpg")
+        write_image(out, canvas)
         self.drawn.append(str(out))
         if self.heatmaps and extra is not None:
             for n, (crop, hm) in enumerate(zip(extra["crops"], extra["heatmaps"], strict=True)):
-                name = self.draw / f"{frame.source.stem}_heatmap{n}.jpg"
-                cv2.imwrite(str(name), cv2.cvtColor(heatmap_overlay(crop, hm), cv2.COLOR_RGB2BGR))
+                name = fs.child(self.draw, f"{frame.source.stem}_heatmap{n}.jpg")
+                write_image(name, heatmap_overlay(crop, hm))
 
     def finish(self) -> dict[str, Any]:
         from kpnet.data.dlc_output import write_dlc_csv
@@ -255,15 +257,25 @@ class _Outputs:
             self.drawn.append(str(writer.path))
         fs.write_atomic(self.output, json.dumps(self.results))
         csvs = []
+        stem = os.path.splitext(fs.basename(self.output))[0]
         for source, rows in self.tables.items():
             suffix = f"_{Path(source).stem}" if len(self.tables) > 1 else ""
-            path = self.output.with_name(f"{self.output.stem}{suffix}.csv")
+            path = fs.child(fs.parent(self.output), f"{stem}{suffix}.csv")
             keys, xy, scores = zip(*rows, strict=True)
             write_dlc_csv(path, self.scorer, self.spec.names, list(keys), np.stack(xy),
                           np.stack(scores))  # fmt: skip
             csvs.append(str(path))
         return {"predictions": len(self.results), "frames": self.frames,
                 "json": str(self.output), "csv": csvs, "draw": self.drawn}  # fmt: skip
+
+
+def _model_name(model: PathLike) -> str:
+    """A run folder's name (``.`` resolved) or a model file's stem: the DLC scorer's suffix."""
+    model = fs.as_path(model)
+    if isinstance(model, Path) and model.is_dir():
+        return model.resolve().name
+    name = fs.basename(model)
+    return name if fs.isdir(model) else os.path.splitext(name)[0]
 
 
 def coco_result(xy: np.ndarray, scores: np.ndarray, det: dict, image_id: int, name: str):

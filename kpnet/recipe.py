@@ -147,7 +147,7 @@ class CocoSource(_Strict):
 class DlcSource(_Strict):
     """A DeepLabCut project folder or a label CSV, split into train / val by image."""
 
-    project: Path  # DLC project folder (config.yaml) or a label .csv (lightning-pose style)
+    project: URL | Path  # DLC project folder (config.yaml) or a label .csv (lightning-pose style)
     val_fraction: float | None = Field(None, ge=0.0, lt=1.0)  # null: 1 - TrainingFraction, or 0.2
     val_frames: list[str] = []  # hold out these frames (path ends or globs: video1/img0*.png)
     val_last: int = Field(0, ge=0)  # hold out the last N frames of each video folder (file order)
@@ -390,20 +390,20 @@ class Recipe(_Strict):
             try:
                 found = fs.exists(path)
             except Exception as err:  # a URL whose filesystem cannot be reached  # noqa: BLE001
-                reason = str(getattr(err, "message", err)).splitlines()[0][:200]
-                missing.append(f"{self._source}: {key}: cannot check {path} ({reason})")
+                missing.append(f"{self._source}: {key}: cannot check {path} ({fs.reason(err)})")
                 continue
             if not found:
                 missing.append(f"{self._source}: {key}: file not found: {path}")
         if missing:
             raise RecipeError("\n".join(missing))
 
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path) -> str | Path:
         """Write the resolved recipe (absolute paths, every default filled in) as YAML.
 
-        Atomic: written to a temporary file beside ``path``, then renamed over it.
+        Atomic: written to a temporary file beside ``path`` (a local path or a URL), then
+        renamed over it.
         """
-        path = Path(path)
+        path = fs.as_path(path)
         data = self.model_dump(mode="json")
         fs.write_atomic(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
         return path
@@ -418,14 +418,14 @@ def load_recipe(
     """Load, expand, override and validate a recipe file.
 
     Args:
-        path: the YAML recipe.
+        path: the YAML recipe (a local path or a URL: ``gs://bucket/recipes/pins.yaml``).
         overrides: ``"dotted.key=value"`` strings; values are parsed as YAML.
         check_files: also require every input file / folder to exist.
 
     Raises:
         RecipeError: naming the file and the key path of the problem.
     """
-    path = Path(path)
+    path = fs.as_path(path)
     raw = _read_yaml(path)
     over_keys = []
     for item in overrides:
@@ -438,17 +438,22 @@ def load_recipe(
     except ValidationError as err:
         raise RecipeError(_format_errors(err, path, over_keys)) from None
     recipe._source = str(path)
-    _resolve_paths(recipe, path.resolve().parent, over_keys)
+    base = fs.dirname(path) if fs.is_url(path) else path.resolve().parent
+    _resolve_paths(recipe, base, over_keys)
     if check_files:
         recipe.check_files()
     return recipe
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
+def _read_yaml(path: str | Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text())
+        found = fs.isfile(path)
+    except Exception as err:  # a URL whose filesystem cannot be reached  # noqa: BLE001
+        raise RecipeError(f"{path}: cannot read the recipe ({fs.reason(err)})") from None
+    if not found:
+        raise RecipeError(f"{path}: recipe file not found; check the path")
+    try:
+        raw = yaml.safe_load(fs.read_text(path))
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
@@ -565,30 +570,34 @@ def _model_in(annotation: Any) -> Any:
 
 
 # --------------------------------------------------------------------------- paths
-def _resolve_paths(recipe: Recipe, base: Path, over_keys: Sequence[str]) -> None:
+#: Path keys that must stay local (written by kpnet, or read by code that needs a local file).
+_LOCAL_ONLY = ("data.synthetic_pins.cache_dir", "model.backbone_weights")
+
+
+def _resolve_paths(recipe: Recipe, base: str | Path, over_keys: Sequence[str]) -> None:
+    """Relative paths against ``base`` (the recipe's folder, a local path or a URL); those
+    given with ``--set`` against the working directory. URLs stay as they are."""
     cwd = Path.cwd()
-    for key, section, name in _path_fields(recipe):
+    tfr = recipe.data.tfrecord
+    fields = _path_fields(recipe)
+    fields += [(f"data.tfrecord.{n}", tfr, n) for n in ("train", "val") if tfr is not None]
+    for key, section, name in fields:
         value = getattr(section, name)
         if value is None or (name == "backbone_weights" and value == "imagenet"):
             continue
-        if isinstance(value, str) and _URL.match(value):  # a URL stays as it is
+        if fs.is_url(value):
             continue
-        p = Path(value).expanduser()
-        if not p.is_absolute():
-            p = Path(os.path.normpath((cwd if key in over_keys else base) / p))
-        setattr(section, name, str(p) if name == "backbone_weights" else p)
-    tfr = recipe.data.tfrecord
-    for name in ("train", "val") if tfr is not None else ():
-        value = getattr(tfr, name)
-        if value is not None and not _URL.match(value):  # URLs stay as they are
-            p = Path(value).expanduser()
-            key = f"data.tfrecord.{name}"
-            if not p.is_absolute():
-                p = Path(os.path.normpath((cwd if key in over_keys else base) / p))
-            setattr(tfr, name, str(p))
-
-
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+        value = os.path.expanduser(value)
+        folder = cwd if key in over_keys else base
+        if fs.is_url(folder) and not os.path.isabs(value) and key in _LOCAL_ONLY:
+            raise recipe.error(
+                key,
+                f"{value!r} is relative to a recipe at a URL, but must be a local path; give "
+                f"an absolute path (or --set {key}=PATH)",
+            )
+        p = fs.resolve(value, folder)
+        is_str = isinstance(section, TFRecordSource) or name == "backbone_weights"
+        setattr(section, name, p if is_str or fs.is_url(p) else Path(p))
 
 
 def _path_fields(recipe: Recipe) -> list[tuple[str, BaseModel, str]]:

@@ -36,6 +36,7 @@ Precision: ``mixed_float16`` trains with a dynamic ``LossScaleOptimizer``;
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -50,7 +51,14 @@ import numpy as np
 import tensorflow as tf
 
 from kpnet import fs
-from kpnet.callbacks import Backup, GuardedCheckpoint, KeypointMetrics, NaNGuard, read_backup
+from kpnet.callbacks import (
+    Backup,
+    GuardedCheckpoint,
+    HistoryCSV,
+    KeypointMetrics,
+    NaNGuard,
+    read_backup,
+)
 from kpnet.data.records import InstanceRecord
 from kpnet.data.sources import (
     load_data,
@@ -293,9 +301,10 @@ def _init_from(recipe: Recipe, model: keras.Model) -> None:
     path = recipe.model.init_from
     try:
         register_keras_objects()
-        source = keras.saving.load_model(path, compile=False, safe_mode=True)
-    except (OSError, ValueError, TypeError) as err:
-        raise recipe.error("model.init_from", f"cannot load {path}: {err}") from None
+        with fs.local_copy(path) as local:  # a URL: through a local temporary copy
+            source = keras.saving.load_model(local, compile=False, safe_mode=True)
+    except (*fs.io_errors(), ValueError, TypeError) as err:
+        raise recipe.error("model.init_from", f"cannot load {path}: {fs.reason(err)}") from None
     report = transfer_weights(source, model)
     _log(f"init_from {path}:\n{report.summary()}")
     if not report.loaded:
@@ -476,23 +485,22 @@ def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _read_run_file(out: Path, name: str) -> Any:
+def _read_run_file(out: str, name: str) -> Any:
     """The parsed ``out/name`` (YAML or JSON), None when absent; RunFolderError if unreadable."""
     import yaml
 
-    path = out / name
-    if not path.is_file():
+    path = fs.join(out, name)
+    if not fs.isfile(path):
         return None
     try:
-        data = yaml.safe_load(path.read_text())  # JSON is YAML
+        data = yaml.safe_load(fs.read_text(path))  # JSON is YAML
         if not isinstance(data, dict):
             raise ValueError("not a mapping")
         return data
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    except (*fs.io_errors(), UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
         raise RunFolderError(
-            f"{path} cannot be read ({reason}), so {out} cannot be resumed: use a new output "
-            f"folder (-o) or delete {out} to start over"
+            f"{path} cannot be read ({fs.reason(err)}), so {out} cannot be resumed: use a new "
+            f"output folder (-o) or delete {out} to start over"
         ) from None
 
 
@@ -504,8 +512,8 @@ def check_run_folder(recipe: Recipe, out: str | Path, spec: KeypointSpec | None 
     ``spec.json`` and ``codec.json``. A folder without a trained run passes (a fresh start).
     Writes nothing.
     """
-    out = Path(out)
-    if not any((out / name).exists() for name in _TRAINED):
+    out = _run_dir(out)
+    if not any(fs.exists(fs.join(out, name)) for name in _TRAINED):
         return
     changed: list[tuple[str, Any, Any]] = []  # keys free to change that did
     if spec is None:
@@ -545,30 +553,31 @@ def _short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _save_model_atomic(model: keras.Model, path: Path) -> None:
-    """``model.save(path)`` via a temporary ``.keras`` file beside it (Keras wants the suffix)."""
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.keras")
-    try:
+def _run_dir(path: str | os.PathLike) -> str:
+    """A run folder as a string: a URL as given (no trailing ``/``), a local path normalised."""
+    return os.fspath(fs.as_path(path))
+
+
+def _save_model_atomic(model: keras.Model, path: str) -> None:
+    """``model.save(path)`` through :func:`kpnet.fs.staged` (a complete file or none)."""
+    with fs.staged(path) as tmp:
         model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def _write_run_files(recipe: Recipe, out: Path, spec: KeypointSpec) -> None:
+def _write_run_files(recipe: Recipe, out: str, spec: KeypointSpec) -> None:
     """``recipe.resolved.yaml``, ``spec.json`` and ``codec.json``, each written atomically."""
-    out.mkdir(parents=True, exist_ok=True)
-    recipe.save(out / "recipe.resolved.yaml")
-    fs.write_atomic(out / "spec.json", json.dumps(spec.to_dict(), indent=2))
-    fs.write_atomic(out / "codec.json", json.dumps(recipe.codec().to_dict(), indent=2))
+    fs.makedirs(out)
+    recipe.save(fs.join(out, "recipe.resolved.yaml"))
+    fs.write_atomic(fs.join(out, "spec.json"), json.dumps(spec.to_dict(), indent=2))
+    fs.write_atomic(fs.join(out, "codec.json"), json.dumps(recipe.codec().to_dict(), indent=2))
 
 
 def nonfinite_weights(path: str | Path) -> list[str]:
     """Names of the float variables of a ``.keras`` file holding NaN or inf (optimizer included).
 
-    Reads the weights file inside the archive with h5py; builds no model.
+    Reads the weights file inside the archive (a local path or a URL) with h5py; builds no
+    model.
     """
-    import io
     import zipfile
 
     import h5py
@@ -580,7 +589,7 @@ def nonfinite_weights(path: str | Path) -> list[str]:
             if not np.isfinite(obj[()]).all():
                 bad.append(name)
 
-    with zipfile.ZipFile(path) as archive:
+    with fs.local_copy(path) as local, zipfile.ZipFile(local) as archive:
         if "model.weights.h5" not in archive.namelist():
             return bad
         data = io.BytesIO(archive.read("model.weights.h5"))
@@ -595,7 +604,7 @@ class _Run:
     """Everything one ``fit`` call shares between its phases."""
 
     recipe: Recipe
-    out: Path
+    out: str
     spec: KeypointSpec
     steps_per_epoch: int
     validation: Any
@@ -623,15 +632,15 @@ def fit(recipe: Recipe, output_dir: str | Path) -> dict[str, Any]:
     keras.utils.set_random_seed(recipe.train.seed)
     keras.mixed_precision.set_global_policy(recipe.train.precision)
     try:
-        return _fit(recipe, Path(output_dir), strategy)
+        return _fit(recipe, _run_dir(output_dir), strategy)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _fit(recipe: Recipe, out: Path, strategy: Any) -> dict[str, Any]:
+def _fit(recipe: Recipe, out: str, strategy: Any) -> dict[str, Any]:
     chief = _is_chief(strategy)
     if not chief:  # every worker saves (saving may sync variables); only the chief's count
-        out = out / ".workers" / f"worker-{strategy.cluster_resolver.task_id}"
+        out = fs.join(out, ".workers", f"worker-{strategy.cluster_resolver.task_id}")
     # Validate everything and compare with the run already in `out` BEFORE writing there.
     t = recipe.train
     replicas = strategy.num_replicas_in_sync
@@ -666,7 +675,7 @@ def _fit(recipe: Recipe, out: Path, strategy: Any) -> dict[str, Any]:
         )
     )
     start = time.time()
-    backup = read_backup(out / "backup")
+    backup = read_backup(fs.join(out, "backup"))
     initial = backup["epoch"] if backup else 0
     if initial >= t.epochs:
         _log(f"{out} already holds {initial} trained epochs (train.epochs={t.epochs})")
@@ -677,7 +686,7 @@ def _fit(recipe: Recipe, out: Path, strategy: Any) -> dict[str, Any]:
             _prepare_history(out, initial)
             _train_phases(run, model, train_ds, backup, initial)
     seconds = time.time() - start
-    result = {"output_dir": str(out), "initial_epoch": initial, "epochs": t.epochs}
+    result = {"output_dir": out, "initial_epoch": initial, "epochs": t.epochs}
     result["seconds"] = round(seconds, 1)
     if chief:
         result.update(_finalize(run, val))
@@ -686,17 +695,16 @@ def _fit(recipe: Recipe, out: Path, strategy: Any) -> dict[str, Any]:
     return result
 
 
-def _drop_worker_copies(out: Path) -> None:
+def _drop_worker_copies(out: str) -> None:
     """Delete a non-chief worker's model copies and logs; its backup and history stay.
 
     Like the temporary folders of TF's multi-worker guide, except that the backup is kept
     so a rerun resumes this worker at the same epoch as the chief.
     """
-    import shutil
-
     for name in ("best.keras", "last.keras"):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "logs", ignore_errors=True)
+        if fs.exists(fs.join(out, name)):
+            fs.remove(fs.join(out, name))
+    fs.rmtree(fs.join(out, "logs"))
 
 
 def _train_phases(run: _Run, model, train_ds, backup, initial: int) -> None:
@@ -733,20 +741,21 @@ def _restore(model, run: _Run, phases: list[Phase], backup: dict, names: set[str
     phase = by_index.get(backup["phase"])
     if phase is None or backup["epoch"] > phase.end and phase != phases[-1]:
         raise TrainingError(
-            f"{run.out / 'backup'} was written by a run with other train.epochs / "
+            f"{fs.join(run.out, 'backup')} was written by a run with other train.epochs / "
             "freeze_backbone_epochs; use a new output folder or delete that backup"
         )
     configure_phase(model, run.recipe, run.spec, phase, run.steps_per_epoch, names)
     if not model.optimizer.built:
         model.optimizer.build(model.trainable_variables)
     try:
-        model.load_weights(backup["weights"])
+        with fs.local_copy(backup["weights"]) as weights:
+            model.load_weights(weights)
     except ValueError as err:  # e.g. a backup of another input size or keypoint count
         raise RunFolderError(
-            f"{run.out / 'backup'} does not fit this model ({str(err).splitlines()[0][:200]}); "
+            f"{fs.join(run.out, 'backup')} does not fit this model ({fs.reason(err)}); "
             f"use a new output folder (-o) or delete {run.out} to start over"
         ) from None
-    _log(f"resuming from {run.out / 'backup'} after epoch {backup['epoch']}")
+    _log(f"resuming from {fs.join(run.out, 'backup')} after epoch {backup['epoch']}")
     return phase
 
 
@@ -758,16 +767,16 @@ def _callbacks(run: _Run, phase: Phase) -> list[keras.callbacks.Callback]:
         cbs.append(precise_bn)
     if run.evaluate is not None:
         cbs.append(KeypointMetrics(run.evaluate, t.validation_every, t.epochs - 1, run.guard))
-    best = _best_so_far(out / "history.csv", run.monitor)
-    cbs += [
+    best = _best_so_far(fs.join(out, "history.csv"), run.monitor)
+    cbs += [  # the checkpoints and TensorBoard write URLs through tf.io.gfile themselves
         GuardedCheckpoint(
-            str(out / "best.keras"), run.guard, best, monitor=run.monitor, mode="min",
+            fs.join(out, "best.keras"), run.guard, best, monitor=run.monitor, mode="min",
             save_best_only=True,
         ),
-        GuardedCheckpoint(str(out / "last.keras"), run.guard),
-        keras.callbacks.CSVLogger(str(out / "history.csv"), append=True),
-        keras.callbacks.TensorBoard(str(out / "logs"), write_graph=False),
-        Backup(out / "backup", phase.index, run.guard, t.backup_every_steps),
+        GuardedCheckpoint(fs.join(out, "last.keras"), run.guard),
+        HistoryCSV(fs.join(out, "history.csv")),
+        keras.callbacks.TensorBoard(fs.join(out, "logs"), write_graph=False),
+        Backup(fs.join(out, "backup"), phase.index, run.guard, t.backup_every_steps),
     ]  # fmt: skip
     return cbs
 
@@ -807,10 +816,10 @@ def _precise_bn(run: _Run) -> keras.callbacks.Callback | None:
 
 def _nan_error(run: _Run) -> TrainingError:
     epoch, batch = run.guard.where or (0, 0)
-    backup = read_backup(run.out / "backup")
+    backup = read_backup(fs.join(run.out, "backup"))
     kept = (
-        f"the last good checkpoints are kept: {run.out / 'last.keras'} and the backup after "
-        f"epoch {backup['epoch']}"
+        f"the last good checkpoints are kept: {fs.join(run.out, 'last.keras')} and the backup "
+        f"after epoch {backup['epoch']}"
         if backup
         else "no epoch finished before, so there is no checkpoint"
     )
@@ -822,28 +831,29 @@ def _nan_error(run: _Run) -> TrainingError:
 
 
 # --------------------------------------------------------------------------- history
-def _read_history(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
+def _read_history(path: str) -> list[dict[str, str]]:
+    if not fs.isfile(path):
         return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    return list(csv.DictReader(io.StringIO(fs.read_text(path), newline="")))
 
 
-def _prepare_history(out: Path, initial: int) -> None:
+def _prepare_history(out: str, initial: int) -> None:
     """Fresh run: drop an old history; resume: drop rows of epochs not in the backup."""
-    path = out / "history.csv"
+    path = fs.join(out, "history.csv")
     rows = _read_history(path)
     keep = [r for r in rows if initial and int(r["epoch"]) < initial]
     if not keep:
-        path.unlink(missing_ok=True)
+        if fs.exists(path):
+            fs.remove(path)
         return
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(keep)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(keep)
+    fs.write_atomic(path, text.getvalue())
 
 
-def _best_so_far(path: Path, monitor: str) -> float | None:
+def _best_so_far(path: str, monitor: str) -> float | None:
     values = []
     for row in _read_history(path):
         try:
@@ -854,8 +864,8 @@ def _best_so_far(path: Path, monitor: str) -> float | None:
     return min(values) if values else None
 
 
-def _plot_curves(out: Path) -> Path | None:
-    rows = _read_history(out / "history.csv")
+def _plot_curves(out: str) -> str | None:
+    rows = _read_history(fs.join(out, "history.csv"))
     if not rows:
         return None
     import matplotlib
@@ -878,14 +888,11 @@ def _plot_curves(out: Path) -> Path | None:
     axes[0].set_title("loss")
     axes[1].set_title("validation pixel error (image px)")
     fig.tight_layout()
-    tmp = out / f".curves.png.{os.getpid()}.tmp"
-    try:
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, out / "curves.png")
-    finally:
-        tmp.unlink(missing_ok=True)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=100, format="png")
     plt.close(fig)
-    return out / "curves.png"
+    fs.write_atomic(fs.join(out, "curves.png"), png.getvalue())
+    return fs.join(out, "curves.png")
 
 
 def _num(row: dict[str, str], key: str) -> bool:
@@ -899,15 +906,19 @@ def _num(row: dict[str, str], key: str) -> bool:
 def _finalize(run: _Run, val: list[InstanceRecord]) -> dict[str, Any]:
     """Curves, then (all finite) ``metrics.json`` and ``keypoints.keras``, each atomically."""
     out = run.out
-    best = out / "best.keras" if (out / "best.keras").exists() else out / "last.keras"
-    result: dict[str, Any] = {"best_model": str(best) if best.exists() else None}
-    if best.exists():
+    best = fs.join(out, "best.keras")
+    if not fs.exists(best):
+        best = fs.join(out, "last.keras")
+    found = fs.exists(best)
+    result: dict[str, Any] = {"best_model": best if found else None}
+    if found:
         _check_finite_weights(run, best)  # before anything is written
     _plot_curves(out)
-    if not best.exists():
+    if not found:
         return result
     register_keras_objects()  # a finished run re-run in a new process has built no model
-    model = keras.saving.load_model(best, safe_mode=True)
+    with fs.local_copy(best) as local:
+        model = keras.saving.load_model(local, safe_mode=True)
     fuse_batchnorm(model)
     metrics = _final_metrics(run, model, val)
     _check_finite_metrics(run, best, metrics)
@@ -915,26 +926,27 @@ def _finalize(run: _Run, val: list[InstanceRecord]) -> dict[str, Any]:
     kp_model = None
     if run.recipe.export.keypoints_model or run.recipe.export.saved_model:
         kp_model = _keypoints_model(model, run.recipe, run.spec)
-        _save_model_atomic(kp_model, out / "keypoints.keras")
-        result["keypoints_model"] = str(out / "keypoints.keras")
-    fs.write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+        _save_model_atomic(kp_model, fs.join(out, "keypoints.keras"))
+        result["keypoints_model"] = fs.join(out, "keypoints.keras")
+    fs.write_atomic(fs.join(out, "metrics.json"), json.dumps(metrics, indent=2))
     if kp_model is not None and run.recipe.export.saved_model:
         from kpnet.export import export_saved_model
 
-        source = kp_model if keras.backend.backend() == "tensorflow" else out / "keypoints.keras"
-        export_saved_model(source, out / "saved_model", run.spec)  # atomic itself
+        tf_backend = keras.backend.backend() == "tensorflow"
+        source = kp_model if tf_backend else fs.join(out, "keypoints.keras")
+        export_saved_model(source, fs.join(out, "saved_model"), run.spec)  # atomic itself
     return result
 
 
-def _check_finite_weights(run: _Run, best: Path) -> None:
+def _check_finite_weights(run: _Run, best: str) -> None:
     """TrainingError when best.keras or last.keras holds NaN / inf weights."""
-    checked = dict.fromkeys([best, run.out / "last.keras"])
-    bad = {path: nonfinite_weights(path) for path in checked if path.is_file()}
+    checked = dict.fromkeys([best, fs.join(run.out, "last.keras")])
+    bad = {path: nonfinite_weights(path) for path in checked if fs.isfile(path)}
     poisoned = [path for path, names in bad.items() if names]
     if not poisoned:
         return
     path, names = poisoned[0], bad[poisoned[0]]
-    finite = [p.name for p in bad if p not in poisoned]
+    finite = [fs.basename(p) for p in bad if p not in poisoned]
     kept = f"; {', '.join(finite)} is finite" if finite else ""
     raise TrainingError(
         f"the weights became NaN/inf: {path} holds {len(names)} non-finite variable(s) "
@@ -944,7 +956,7 @@ def _check_finite_weights(run: _Run, best: Path) -> None:
     )
 
 
-def _check_finite_metrics(run: _Run, best: Path, metrics: dict) -> None:
+def _check_finite_metrics(run: _Run, best: str, metrics: dict) -> None:
     """TrainingError when the validation pixel errors of ``best`` are NaN / inf."""
     overall = metrics.get("overall") or {}
     bad = [
@@ -964,8 +976,8 @@ _FINAL_FILES = ("metrics.json", "keypoints.keras")
 
 
 def _final_metrics(run: _Run, model: keras.Model, val: list[InstanceRecord]) -> dict:
-    history = _read_history(run.out / "history.csv")
-    metrics: dict[str, Any] = {"model": str(run.out / "best.keras"), "monitor": run.monitor}
+    history = _read_history(fs.join(run.out, "history.csv"))
+    metrics: dict[str, Any] = {"model": fs.join(run.out, "best.keras"), "monitor": run.monitor}
     scores = [(float(r[run.monitor]), int(r["epoch"]) + 1) for r in history if _num(r, run.monitor)]
     if scores:
         metrics["best_epoch"] = min(scores)[1]

@@ -17,13 +17,14 @@ from typing import Any
 
 import click
 
+from kpnet import fs
 from kpnet.codec import CodecError
 from kpnet.spec import COCO17_SIGMAS, SpecError
 
 
 @click.command("evaluate")
-@click.argument("model", required=False, type=click.Path(exists=True))
-@click.argument("recipe", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", required=False, type=click.Path())  # local or a URL, checked later
+@click.argument("recipe", required=False, type=click.Path(dir_okay=False))
 @click.option("--gt", type=click.Path(exists=True, dir_okay=False), help="COCO ground truth.")
 @click.option(
     "--predictions", type=click.Path(exists=True, dir_okay=False), help="COCO results json."
@@ -38,7 +39,8 @@ from kpnet.spec import COCO17_SIGMAS, SpecError
     "--oks-nms", type=float, default=None, help="Apply OKS-NMS per image at this threshold."
 )
 @click.option(
-    "-o", "--output", type=click.Path(), default=None, help="metrics.json (--gt) or a folder."
+    "-o", "--output", type=click.Path(), default=None,
+    help="metrics.json (--gt) or a folder (may be a URL).",
 )
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Recipe override.")
 @click.option("--batch-size", type=int, default=32, show_default=True)
@@ -65,7 +67,8 @@ def evaluate(
     detections: bool,
 ) -> None:
     """Evaluate keypoints: `--gt GT --predictions DT`, or `MODEL [RECIPE]` on the validation
-    data (MODEL: a .keras file or a run folder; RECIPE: default the run's resolved recipe).
+    data (MODEL: a .keras file or a run folder, local or a URL; RECIPE: default the run's
+    resolved recipe).
 
     The validation crops, decoding and flip test are the recipe's (its codec), as in
     `kpnet fit` and `kpnet predict`."""
@@ -84,6 +87,8 @@ def evaluate(
             raise click.UsageError("give MODEL [RECIPE], or --gt GT.json --predictions DT.json")
     except (DataError, SpecError, CodecError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
+    except fs.io_errors() as err:  # e.g. a URL that cannot be reached
+        raise click.ClickException(fs.reason(err)) from None
 
 
 def _evaluate_files(
@@ -94,7 +99,7 @@ def _evaluate_files(
     result = coco_keypoint_ap(gt, predictions, parse_sigmas(sigmas), oks_nms_threshold=oks_nms)
     click.echo(result["summary"], nl=False)
     if output:
-        _write_json(Path(output), {k: v for k, v in result.items() if k != "summary"})
+        _write_json(output, {k: v for k, v in result.items() if k != "summary"})
         click.echo(f"wrote {output}")
 
 
@@ -136,13 +141,14 @@ def _load(model_path, recipe_path, overrides, flip_test, detections: bool = Fals
     ``flip_test`` (when not None) overriding the recipe's ``evaluation.flip_test``.
     """
     from kpnet.data.sources import load_validation
-    from kpnet.inference import load_model
+    from kpnet.inference import load_model, resolve_model_path
     from kpnet.recipe import RecipeError, load_recipe
 
+    resolve_model_path(model_path)  # FileNotFoundError naming it, before the data loads
     if recipe_path is None:
-        folder = Path(model_path) if Path(model_path).is_dir() else Path(model_path).parent
-        recipe_path = folder / "recipe.resolved.yaml"
-        if not recipe_path.is_file():
+        folder = model_path if fs.isdir(model_path) else fs.dirname(model_path)
+        recipe_path = fs.join(folder, "recipe.resolved.yaml")
+        if not fs.isfile(recipe_path):
             raise click.UsageError(
                 f"{model_path}: no recipe.resolved.yaml beside the model; give RECIPE"
             )
@@ -177,12 +183,14 @@ def _check_detection_recipe(recipe) -> None:
 def _write_results(metrics: dict[str, Any], output: str | None, model_path: str) -> None:
     """metrics.json and predictions.json (COCO results) into ``output`` or beside the model."""
     predictions = metrics.pop("predictions")
-    model_path = Path(model_path).resolve()
-    folder = model_path if model_path.is_dir() else model_path.parent
-    out_dir = Path(output) if output else folder / "evaluate"
-    _write_json(out_dir / "metrics.json", metrics)
-    _write_json(out_dir / "predictions.json", predictions)
-    click.echo(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'predictions.json'}")
+    if not fs.is_url(model_path):
+        model_path = str(Path(model_path).resolve())
+    folder = model_path if fs.isdir(model_path) else fs.dirname(model_path)
+    out_dir = output or fs.join(folder, "evaluate")
+    _write_json(fs.join(out_dir, "metrics.json"), metrics)
+    _write_json(fs.join(out_dir, "predictions.json"), predictions)
+    click.echo(f"wrote {fs.join(out_dir, 'metrics.json')} and "
+               f"{fs.join(out_dir, 'predictions.json')}")  # fmt: skip
 
 
 def parse_sigmas(value: str | None) -> list[float] | None:
@@ -213,9 +221,8 @@ def parse_sigmas(value: str | None) -> list[float] | None:
     return [float(v) for v in data]
 
 
-def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+def _write_json(path: str, data: Any) -> None:
+    fs.write_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 COMMANDS = [evaluate]

@@ -3,6 +3,7 @@
 Example:
     $ kpnet fit recipes/quickstart.yaml
     $ kpnet fit recipes/dlc-project.yaml -o runs/mouse --set data.dlc.project=~/mouse-dlc
+    $ kpnet fit gs://bucket/recipes/pins.yaml -o gs://bucket/runs/pins   # URLs: see kpnet.fs
 
 The output folder is validated before anything is written into it: the recipe, the data,
 the keypoint spec and the batch size (against the replicas) are checked first, so a failing
@@ -67,7 +68,7 @@ def fit(recipe: str, output: str | None, overrides: tuple[str, ...]) -> None:
     try:
         loaded = load_recipe(recipe, overrides, check_files=True)
         _check_weights(loaded)  # before loading any data
-        out = Path(output) if output else Path("runs") / Path(recipe).stem
+        out = output or Path("runs") / Path(recipe).stem  # -o may be a URL: kept a string
         from kpnet.train import RunFolderError, TrainingError
         from kpnet.train import fit as run_fit
 

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import click
 
+from kpnet import fs
 from kpnet.codec import CodecError
 from kpnet.data.records import DataError
 from kpnet.spec import SpecError
 
 
 @click.command("predict")
-@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.argument("model", type=click.Path())  # may be a URL: checked by load_model
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "--boxes", type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -33,11 +34,12 @@ from kpnet.spec import SpecError
     "--images-json", type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="COCO json whose 'images' map file names to image ids.",
 )  # fmt: skip
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("predictions.json"), show_default=True,
-              help="COCO results json; DeepLabCut CSVs are written beside it.")  # fmt: skip
-@click.option("--draw", type=click.Path(file_okay=False, path_type=Path),
-              help="Write labelled images (and <video>_labelled.mp4) into this folder.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default="predictions.json",
+              show_default=True, help="COCO results json; DeepLabCut CSVs are written beside "
+              "it (may be a URL).")  # fmt: skip
+@click.option("--draw", type=click.Path(file_okay=False),
+              help="Write labelled images (and <video>_labelled.mp4) into this folder (may be a "
+                   "URL).")  # fmt: skip
 @click.option("--heatmaps", is_flag=True, help="With --draw: also heatmap overlays per crop.")
 @click.option("--flip-test/--no-flip-test", default=None,
               help="Average with the mirrored crops' heatmaps (default: as the model was saved).")
@@ -49,7 +51,7 @@ from kpnet.spec import SpecError
 def predict(model, inputs, boxes, score_threshold, images_json, output, draw, heatmaps,
             flip_test, padding, category_id, batch_size) -> None:  # fmt: skip
     """Predict keypoints of INPUTS (image files, folders, videos) with MODEL (a .keras file
-    or a run folder)."""
+    or a run folder, local or a URL)."""
     from kpnet.predict import predict_inputs
 
     try:
@@ -60,6 +62,8 @@ def predict(model, inputs, boxes, score_threshold, images_json, output, draw, he
         )  # fmt: skip
     except (DataError, SpecError, CodecError, FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from None
+    except fs.io_errors() as err:  # e.g. a URL that cannot be reached
+        raise click.ClickException(fs.reason(err)) from None
     click.echo(f"wrote {summary['predictions']} predictions for {summary['frames']} frames to "
                f"{output}")  # fmt: skip
     for path in summary["csv"]:

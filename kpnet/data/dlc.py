@@ -36,7 +36,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import fnmatch
 import json
 import math
@@ -48,9 +47,10 @@ from typing import Any
 import numpy as np
 import yaml
 
+from kpnet import fs
 from kpnet.data.check import LoadReport, Records, check_on_error
 from kpnet.data.coco import guess_flip_pairs
-from kpnet.data.dlc_output import parse_header
+from kpnet.data.dlc_output import parse_header, read_csv_rows
 from kpnet.data.records import DataError, InstanceRecord
 from kpnet.spec import KeypointSpec, SpecError
 
@@ -67,7 +67,7 @@ def load_dlc_records(
 
     Args:
         project_dir: the DLC project folder (holds ``config.yaml`` and ``labeled-data/``), or
-            a label ``.csv`` file.
+            a label ``.csv`` file; local, or a URL (read through :mod:`kpnet.fs`).
         box: "keypoints" (labelled extent + margin) or "image" (the whole frame).
         margin: fraction of the extent's longer side added on every side.
         on_error: "raise" or "skip" bad rows / missing images (counted in ``records.report``).
@@ -77,7 +77,7 @@ def load_dlc_records(
     """
     check_on_error(on_error)
     _check_box(box)
-    project = Path(project_dir)
+    project = fs.as_path(project_dir)
     if _is_csv(project):
         return load_label_csv(project, box, margin, on_error)
     spec = dlc_spec(project)
@@ -114,7 +114,7 @@ def load_label_csv(
     """
     check_on_error(on_error)
     _check_box(box)
-    csv_path = Path(csv_path)
+    csv_path = fs.as_path(csv_path)
     spec = csv_spec(csv_path)
     report = LoadReport(source=str(csv_path))
     rows = list(_read_csv(csv_path, spec, report, on_error))
@@ -130,9 +130,9 @@ def load_label_csv(
 def dlc_spec(project_dir: PathLike) -> KeypointSpec:
     """The spec of a DLC project (bodyparts, skeleton by name, left/right flip pairs), or of a
     label CSV (:func:`csv_spec`)."""
-    if _is_csv(Path(project_dir)):
+    if _is_csv(project_dir):
         return csv_spec(project_dir)
-    config = _read_config(Path(project_dir))
+    config = _read_config(project_dir)
     names = config["bodyparts"]
     try:
         skeleton = [tuple(pair) for pair in config.get("skeleton") or ()]
@@ -145,8 +145,8 @@ def dlc_spec(project_dir: PathLike) -> KeypointSpec:
 
 def csv_spec(csv_path: PathLike) -> KeypointSpec:
     """The spec of a label CSV: body parts in header order, guessed flip pairs, no skeleton."""
-    path = Path(csv_path)
-    header = _read_rows(path)[:4]
+    path = fs.as_path(csv_path)
+    header = read_csv_rows(path)[:4]
     _, _, columns = parse_header(path, header)
     names = list(dict.fromkeys(name for name, _ in columns))
     try:
@@ -168,7 +168,7 @@ def default_val_fraction(project: PathLike) -> float:
         >>> round(default_val_fraction(project), 6)
         0.05
     """
-    path = Path(project)
+    path = fs.as_path(project)
     if _is_csv(path):
         return DEFAULT_VAL_FRACTION
     config = _read_config(path)
@@ -182,8 +182,8 @@ def default_val_fraction(project: PathLike) -> float:
         fraction = math.nan
     if not 0.0 < fraction <= 1.0:
         raise DataError(
-            f"{path / 'config.yaml'}: TrainingFraction should be a list of numbers in (0, 1], "
-            f"got {value!r}; fix it or set data.dlc.val_fraction in the recipe"
+            f"{fs.join(path, 'config.yaml')}: TrainingFraction should be a list of numbers in "
+            f"(0, 1], got {value!r}; fix it or set data.dlc.val_fraction in the recipe"
         )
     return 1.0 - fraction
 
@@ -297,7 +297,7 @@ def dlc_to_coco(
     Returns:
         the COCO dict that was written.
     """
-    project = Path(project_dir)
+    project = fs.as_path(project_dir)
     spec, records = load_dlc_records(project, box=box, margin=margin)
     if _is_csv(project):
         task, root = "animal", label_csv_root(project)
@@ -305,14 +305,12 @@ def dlc_to_coco(
         task = str(_read_config(project).get("Task") or "animal")
         root = project
     coco = records_to_coco(records, spec, root, category_name=task)
-    Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-    with open(out_json, "w", encoding="utf-8") as f:
-        json.dump(coco, f, indent=1)
+    fs.write_atomic(out_json, json.dumps(coco, indent=1))
     return coco
 
 
 def records_to_coco(
-    records: list[InstanceRecord], spec: KeypointSpec, image_root: Path, category_name: str
+    records: list[InstanceRecord], spec: KeypointSpec, image_root: PathLike, category_name: str
 ) -> dict[str, Any]:
     """COCO keypoints dict (images, annotations, one category) from records."""
     images, annotations, image_ids = [], [], {}
@@ -346,12 +344,12 @@ def records_to_coco(
 
 
 # --------------------------------------------------------------------------- reading
-def _read_config(project: Path) -> dict[str, Any]:
-    path = project / "config.yaml"
-    if not path.is_file():
+def _read_config(project: PathLike) -> dict[str, Any]:
+    path = fs.join(project, "config.yaml")
+    if not fs.isfile(path):
         raise DataError(f"{path}: not found; is {project} a DeepLabCut project folder?")
     try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        config = yaml.safe_load(fs.read_text(path)) or {}
     except yaml.YAMLError as err:
         raise DataError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(config, dict) or not config.get("bodyparts"):
@@ -361,35 +359,28 @@ def _read_config(project: Path) -> dict[str, Any]:
     return config
 
 
-def _csv_files(project: Path) -> list[Path]:
-    folders = sorted(p for p in (project / "labeled-data").glob("*") if p.is_dir())
+def _csv_files(project: PathLike) -> list[str | Path]:
+    labeled = fs.join(project, "labeled-data")
+    names = fs.listdir(labeled) if fs.isdir(labeled) else []
+    folders = [f for f in (fs.child(labeled, n) for n in names) if fs.isdir(f)]
     files = []
     for folder in folders:
-        found = sorted(folder.glob("CollectedData_*.csv"))
-        if not found and list(folder.glob("CollectedData_*.h5")):
+        inside = fs.listdir(folder)
+        found = [fs.child(folder, n) for n in fnmatch.filter(inside, "CollectedData_*.csv")]
+        if not found and fnmatch.filter(inside, "CollectedData_*.h5"):
             raise DataError(
                 f"{folder}: only CollectedData_*.h5 found; kpnet reads the CSV. Re-save the labels "
                 "in DLC (it writes both) or run pandas.read_hdf(h5).to_csv(csv)"
             )
         files += found
     if not files:
-        raise DataError(f"{project}/labeled-data: no CollectedData_*.csv files")
+        raise DataError(f"{labeled}: no CollectedData_*.csv files")
     return files
 
 
-def _read_rows(csv_path: Path) -> list[list[str]]:
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            return list(csv.reader(f))
-    except FileNotFoundError:
-        raise DataError(f"{csv_path}: file not found") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as err:
-        raise DataError(f"{csv_path}: cannot read this CSV ({err})") from None
-
-
-def _read_csv(csv_path: Path, spec: KeypointSpec, report: LoadReport, on_error: str):
+def _read_csv(csv_path: PathLike, spec: KeypointSpec, report: LoadReport, on_error: str):
     """Yield (where, image path as written, keypoints [K,3]) per labelled row."""
-    rows = _read_rows(csv_path)
+    rows = read_csv_rows(csv_path)
     columns, n_index = _columns(csv_path, rows[:4], spec)
     for line, row in enumerate(rows[3:], start=4):
         where = f"{csv_path}:{line}"
@@ -404,7 +395,7 @@ def _read_csv(csv_path: Path, spec: KeypointSpec, report: LoadReport, on_error: 
         yield where, rel, kp
 
 
-def _columns(csv_path: Path, header: list[list[str]], spec: KeypointSpec):
+def _columns(csv_path: PathLike, header: list[list[str]], spec: KeypointSpec):
     """Map CSV columns to (keypoint index, 0 for x / 1 for y); count the path columns."""
     _, n_index, parsed = parse_header(csv_path, header)
     index = {n: i for i, n in enumerate(spec.names)}
@@ -421,24 +412,24 @@ def _columns(csv_path: Path, header: list[list[str]], spec: KeypointSpec):
     return columns, n_index
 
 
-def label_csv_root(csv_path: PathLike) -> Path:
+def label_csv_root(csv_path: PathLike) -> str | Path:
     """The folder a label CSV's image paths are relative to (see :func:`load_label_csv`)."""
-    csv_path = Path(csv_path)
-    rows = _read_rows(csv_path)
+    csv_path = fs.as_path(csv_path)
+    rows = read_csv_rows(csv_path)
     _, n_index, _ = parse_header(csv_path, rows[:4])
     rels = ["/".join(c.strip() for c in row[:n_index] if c.strip()) for row in rows[3:]]
     return _image_root(csv_path, [r.replace("\\", "/") for r in rels if r])
 
 
-def _image_root(csv_path: Path, rels: Sequence[str], sample: int = 20) -> Path:
+def _image_root(csv_path: PathLike, rels: Sequence[str], sample: int = 20) -> str | Path:
     """The first of the CSV's folder, its parent and grandparent holding the most of the first
     ``sample`` images (the CSV's folder when none does)."""
-    folder = csv_path.parent
-    candidates = [folder, folder.parent, folder.parent.parent]
+    folder = fs.parent(csv_path)
+    candidates = [folder, fs.parent(folder), fs.parent(fs.parent(folder))]
     probe = list(dict.fromkeys(rels))[:sample]
     best, hits = folder, 0
     for root in dict.fromkeys(candidates):
-        found = sum((root / rel).is_file() for rel in probe)
+        found = sum(_isfile(fs.join(root, rel)) for rel in probe)
         if found == len(probe):
             return root
         if found > hits:
@@ -446,8 +437,15 @@ def _image_root(csv_path: Path, rels: Sequence[str], sample: int = 20) -> Path:
     return best
 
 
-def _is_csv(path: Path) -> bool:
-    return path.suffix.lower() == ".csv" and not path.is_dir()
+def _isfile(path: str) -> bool:
+    try:
+        return fs.isfile(path)
+    except fs.io_errors():  # e.g. above a bucket's root
+        return False
+
+
+def _is_csv(path: PathLike) -> bool:
+    return fs.basename(path).lower().endswith(".csv") and not fs.isdir(path)
 
 
 def _check_box(box: str) -> None:
@@ -479,10 +477,10 @@ def _parse_row(row: list[str], columns: dict, n_index: int, k: int) -> np.ndarra
 
 # --------------------------------------------------------------------------- records
 def _record(
-    project: Path, rel: str, kp: np.ndarray, where: str, index: int, box: str, margin: float,
-    report: LoadReport, on_error: str,
+    project: PathLike, rel: str, kp: np.ndarray, where: str, index: int, box: str,
+    margin: float, report: LoadReport, on_error: str,
 ) -> InstanceRecord | None:  # fmt: skip
-    path = project / rel
+    path = fs.child(project, rel)
     if not (kp[:, 2] > 0).any():
         report.skip("no_keypoints")
         return None
@@ -520,7 +518,7 @@ def image_size(path: PathLike) -> tuple[int, int] | None:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with fs.open_file(path, "rb") as f, Image.open(f) as im:
             return int(im.height), int(im.width)
-    except (OSError, UnidentifiedImageError):
+    except (*fs.io_errors(), UnidentifiedImageError):
         return None

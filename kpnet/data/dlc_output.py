@@ -42,7 +42,6 @@ import io
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -87,7 +86,7 @@ def write_dlc_csv(
     frame_names: Sequence[str | int],
     keypoints: np.ndarray,
     likelihood: np.ndarray,
-) -> Path:
+) -> str | Path:
     """Write predictions as a DeepLabCut CSV, atomically (:func:`kpnet.fs.write_atomic`).
 
     Args:
@@ -119,7 +118,7 @@ def write_dlc_csv(
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows(rows)
     fs.write_atomic(path, text.getvalue())
-    return Path(path)
+    return fs.as_path(path)
 
 
 def write_dlc_h5(
@@ -129,7 +128,7 @@ def write_dlc_h5(
     frame_names: Sequence[str | int],
     keypoints: np.ndarray,
     likelihood: np.ndarray,
-) -> Path | None:
+) -> str | Path | None:
     """Write the same table as DLC's ``.h5`` (key ``df_with_missing``), if pandas and PyTables
     are installed; otherwise write nothing and return None (they are optional).
 
@@ -154,17 +153,9 @@ def write_dlc_h5(
     if all(isinstance(n, (int, np.integer)) for n in index):
         index = [int(n) for n in index]
     frame = pd.DataFrame(values, columns=columns, index=index)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial.h5", dir=path.parent)
-    os.close(fd)
-    try:
+    with fs.staged(path) as tmp:  # PyTables writes local files only
         frame.to_hdf(tmp, key="df_with_missing", format="table", mode="w")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return fs.as_path(path)
 
 
 def h5_available() -> bool:
@@ -177,18 +168,29 @@ def h5_available() -> bool:
     return True
 
 
+def read_csv_rows(path: PathLike) -> list[list[str]]:
+    """The rows of a CSV file (a local path or a URL; a UTF-8 byte-order mark is dropped).
+
+    Raises:
+        DataError: one line naming the file: not found, or unreadable.
+    """
+    if not fs.isfile(path):
+        raise DataError(f"{path}: file not found")
+    try:
+        text = fs.read_bytes(path).decode("utf-8-sig")
+        return list(csv.reader(io.StringIO(text, newline="")))
+    except (*fs.io_errors(), UnicodeDecodeError, csv.Error) as err:
+        raise DataError(f"{path}: cannot read this CSV ({fs.reason(err)})") from None
+
+
 def read_dlc_csv(path: PathLike) -> DlcTable:
     """Read a DLC CSV: predictions (x, y, likelihood) or labels (x, y), single animal.
 
     Raises:
         DataError: one line naming the file (and row) when it is not a DLC table.
     """
-    path = Path(path)
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except OSError as err:
-        raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
+    path = fs.as_path(path)
+    rows = read_csv_rows(path)
     scorer, n_index, columns = parse_header(path, rows[:4])
     bodyparts = tuple(dict.fromkeys(name for name, _ in columns))
     part = {name: i for i, name in enumerate(bodyparts)}

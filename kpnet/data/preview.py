@@ -15,9 +15,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from kpnet import codec
+from kpnet import codec, fs
 from kpnet.data.pipeline import PipelineConfig, build_dataset
 from kpnet.data.records import InstanceRecord
+from kpnet.frames import write_image
 from kpnet.spec import KeypointSpec
 
 
@@ -64,17 +65,15 @@ def write_preview(
     n: int = 16,
     seed: int = 0,
     training: bool = True,
-) -> Path:
-    """Write ``out_dir/preview.png``: ``n`` pipeline crops (augmented when ``training``)."""
+) -> str | Path:
+    """Write ``out_dir/preview.png`` (``out_dir`` may be a URL): ``n`` pipeline crops
+    (augmented when ``training``)."""
     ds = build_dataset(records, spec, pipeline_config, batch_size=n, training=training,
                        seed=seed, drop_remainder=False)  # fmt: skip
     images, keypoints = (np.asarray(t) for t in next(iter(ds.take(1))))
     xy = codec.heatmap_to_input(keypoints[..., :2], float(pipeline_config.stride))
     kps = np.concatenate([xy, keypoints[..., 2:]], axis=-1)
     drawn = [draw_keypoints(im, kp, spec) for im, kp in zip(images, kps, strict=True)]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "preview.png"
-    if not cv2.imwrite(str(path), cv2.cvtColor(tile(drawn), cv2.COLOR_RGB2BGR)):
-        raise OSError(f"could not write the preview image {path}")
+    path = fs.child(out_dir, "preview.png")
+    write_image(path, tile(drawn))
     return path
