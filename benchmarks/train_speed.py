@@ -121,6 +121,7 @@ def _record(case: str, args, precision: str, batch: int, seconds: float, **extra
         "batch": batch,
         "img_s": round(batch / seconds, 2),
         "step_ms": round(1000 * seconds, 1),
+        **({"bn": getattr(args, "bn", "fused")} if keras.backend.backend() == "tensorflow" else {}),
         **extra,
     }
 
@@ -142,6 +143,9 @@ def build(args, spec, weights: bool = False):
 
     model = build_cpn(spec.num_channels, (*args.input_size, 3), backbone=args.backbone,
                       pyramid_channels=args.pyramid_channels)  # fmt: skip
+    if getattr(args, "bn", "fused") == "keras":  # undo kpnet.models.fused_bn: Keras' own BN
+        for layer in model._flatten_layers():
+            layer.__dict__.pop("call", None)
     return model, build_losses(spec)
 
 
@@ -345,6 +349,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--jit-compile", choices=("auto", "true", "false"), default="auto",
                         help="XLA for the step (auto: Keras' choice, off for TF on a CPU)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="COCO folder (fit case)")
+    parser.add_argument("--bn", choices=("fused", "keras"), default="fused",
+                        help="BatchNorm under TensorFlow, step and infer cases: kpnet's fused "
+                             "kernel (default) or Keras 3's own ops (the before of that change)")
     args = parser.parse_args(argv)
     from kpnet.spec import KeypointSpec
 
