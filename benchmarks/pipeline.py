@@ -25,10 +25,12 @@ import gc
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's kpnet
 
 import cv2  # noqa: E402
 import tensorflow as tf  # noqa: E402
