@@ -478,6 +478,10 @@ def _crops(image, warps, colors, color_m, out_hw, fill_value) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- the builder
+#: Images per chunk of an epoch's tables (see :meth:`_Builder.epochs`).
+CHUNK_IMAGES = 16384
+
+
 class _Builder:
     """Holds the constant tables and the graph functions of one dataset."""
 
@@ -581,14 +585,20 @@ class _Builder:
         return tf.concat([hm, tf.where(inside, v, 0.0)[..., None]], axis=-1)
 
     # -- stages -----------------------------------------------------------------------
-    def epoch_tables(self, epoch: tf.Tensor, order: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    def epoch_tables(
+        self, epoch: tf.Tensor, order: tf.Tensor, chunk: tf.Tensor | None = None
+    ) -> tuple[tf.Tensor, ...]:
         """Everything random and geometric of one epoch, for ALL instances in a few batched
         ops, per image in ``order``: (epoch, path, decode branch, window, then ragged
         [G, None, ...]: window -> crop matrices, colour parameters, colour matrices,
-        image -> crop matrices, keypoints, record indices)."""
+        image -> crop matrices, keypoints, record indices). ``chunk`` > 0 (see
+        :meth:`chunk_tables`) is folded into the random key."""
         idx, group = self.flat_members, self.member_group
         n = tf.shape(idx)[0]
-        seeds = tf.random.experimental.stateless_split(tf.stack([self.seed_t, epoch]), 2)
+        key = tf.stack([self.seed_t, epoch])
+        if chunk is not None:
+            key = tf.where(chunk > 0, tf.random.experimental.stateless_fold_in(key, chunk), key)
+        seeds = tf.random.experimental.stateless_split(key, 2)
         m = self.matrices(idx, tf.gather(self.hw, group), seeds[0])
         if self.training:
             colors = aug.sample_color(self.config.augment, seeds[1], n)
@@ -640,16 +650,44 @@ class _Builder:
         image = self.albu.apply(image, (epoch * self.num_records + idx) * 7919 + self.seed)
         return image, keypoints, m, idx, epoch, *extra
 
+    def chunk_tables(self, epoch: tf.Tensor, images: tf.Tensor, chunk: tf.Tensor):
+        """:meth:`epoch_tables` of the images ``images`` [m] (distinct), in that order: a
+        builder restricted to them (in image order) draws with ``chunk`` folded in."""
+        perm = tf.argsort(images)
+        ascending = tf.gather(images, perm)
+        sub = tf.gather(
+            tf.RaggedTensor.from_row_splits(self.flat_members, self.splits, validate=False),
+            ascending,
+        )
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view.flat_members, view.splits = sub.flat_values, sub.row_splits
+        view.member_group = sub.value_rowids()
+        view.paths, view.hw = tf.gather(self.paths, ascending), tf.gather(self.hw, ascending)
+        view.is_jpeg, view.num_groups = tf.gather(self.is_jpeg, ascending), tf.size(images)
+        return view.epoch_tables(epoch, tf.argsort(perm), chunk)
+
     def epochs(self, shuffle: bool, repeat: bool) -> tf.data.Dataset:
-        """Per image :meth:`epoch_tables`; images permuted per epoch (stateless) if shuffling."""
-        g = self.num_groups
+        """Per image :meth:`epoch_tables`; images permuted per epoch (stateless) if shuffling.
+
+        Above :data:`CHUNK_IMAGES` images, each epoch is computed a chunk of that many images
+        (in epoch order) at a time, as the epoch goes: the first batch and the memory held do
+        not grow with the dataset. (Random draws are then keyed by chunk too.)
+        """
+        g, size = self.num_groups, CHUNK_IMAGES
+        chunks = -(-g // size)
 
         def one_epoch(e):
             order = tf.range(g, dtype=tf.int64)
             if shuffle:
                 u = tf.random.stateless_uniform([g], seed=tf.stack([self.seed + 2, e]))
                 order = tf.gather(order, tf.argsort(u))
-            return tf.data.Dataset.from_tensor_slices(self.epoch_tables(e, order))
+            if chunks <= 1:
+                return tf.data.Dataset.from_tensor_slices(self.epoch_tables(e, order))
+            tables = tf.data.Dataset.range(chunks).map(
+                lambda c: self.chunk_tables(e, order[c * size : (c + 1) * size], c)
+            )
+            return tables.flat_map(lambda *t: tf.data.Dataset.from_tensor_slices(t))
 
         if repeat:
             return tf.data.Dataset.counter().flat_map(one_epoch)
