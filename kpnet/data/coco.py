@@ -29,8 +29,10 @@ import io
 import itertools
 import json
 import logging
+import operator
 import os
 import posixpath
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -273,7 +275,7 @@ def _check_index(data: dict, rows: _Annotations, source: PathLike) -> None:
         if "categories" in data:
             for cat in data["categories"]:
                 hash(cat["id"])
-            if not all(type(c) is int for c in rows.cats):
+            if not _all_type(rows.cats, int):
                 for c in rows.cats:
                     if c is _MISSING:
                         raise KeyError("category_id")
@@ -308,6 +310,7 @@ class _Sentinel:
         return self.name
 
 
+_FIELDS = operator.itemgetter("id", "image_id", "keypoints", "bbox", "category_id", "iscrowd")
 _ANN = _Sentinel("<annotation row>")  # what the parse leaves in the annotations list
 _MISSING = _Sentinel("<no category_id>")
 
@@ -359,12 +362,16 @@ class _Annotations:
         self.n += b
         if not b:
             return
-        fields = [(d.get("id"), d["image_id"], d.get("keypoints"), d.get("bbox"),
-                   d.get("category_id", _MISSING), d.get("iscrowd", 0)) for d in dicts]  # fmt: skip
-        ids, image_ids, kps, boxes, cats, crowd = map(list, zip(*fields, strict=True))
+        try:  # every key present (the usual case): in C
+            fields = list(map(_FIELDS, dicts))
+        except KeyError:
+            fields = [(d.get("id"), d["image_id"], d.get("keypoints"), d.get("bbox"),
+                       d.get("category_id", _MISSING), d.get("iscrowd", 0))
+                      for d in dicts]  # fmt: skip
+        ids, image_ids, kps, boxes, cats, crowd = zip(*fields, strict=True)
         del fields
         self.cats += cats
-        crowd = np.fromiter(map(bool, crowd), bool, b)
+        crowd = np.fromiter(map(bool, crowd), bool, b) if any(crowd) else np.zeros(b, bool)
         if (_all_type(ids, int) and _all_type(image_ids, int) and _all_type(kps, list)
                 and _all_type(boxes, list) and set(map(len, boxes)) == {4}):  # fmt: skip
             fast = np.ones(b, bool)
@@ -422,15 +429,15 @@ class _Annotations:
         return out
 
 
-def _all_type(values: list, kind: type) -> bool:
+def _all_type(values: Sequence[Any], kind: type) -> bool:
     return set(map(type, values)) == {kind}
 
 
-def _pick(values: list, rows: np.ndarray) -> list:
+def _pick(values: Sequence[Any], rows: np.ndarray) -> Sequence[Any]:
     return values if len(rows) == len(values) else [values[i] for i in rows.tolist()]
 
 
-def _int64(values: list, fast: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _int64(values: Sequence[Any], fast: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``values`` (ints where ``fast``) as int64, and which fit (others: 0, False)."""
     if fast.all():
         values_fast = values
@@ -444,7 +451,7 @@ def _int64(values: list, fast: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.array([v if f else 0 for v, f in zip(values, ok, strict=True)], np.int64), ok
 
 
-def _floats(values: list, width: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
+def _floats(values: Sequence[Any], width: int, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
     """Lists of ``width`` numbers as a [m, width] array, and which rows converted (a row that
     numpy cannot convert, or of another shape, is zeros and False)."""
     m = len(values)
@@ -517,7 +524,10 @@ def _gt_records(
     def mark(mask: np.ndarray, code: int) -> None:
         reason[a.fast & (reason == 0) & mask] = code
 
-    mark(np.fromiter((c is not _MISSING and c != cat_id for c in a.cats), bool, a.n), _OTHER)
+    if type(cat_id) is int and _all_type(a.cats, int):
+        mark(np.fromiter(a.cats, np.int64, a.n) != cat_id, _OTHER)
+    elif a.n:
+        mark(np.fromiter((c is not _MISSING and c != cat_id for c in a.cats), bool, a.n), _OTHER)
     mark(a.crowd, _CROWD)
     mark(a.kp_len != n3, _COUNT)
     kps = a.keypoints(n3)
@@ -525,14 +535,14 @@ def _gt_records(
     pos = _image_positions(images, a.image_ids)  # index into images, -1: not listed
     mark(pos < 0, _UNKNOWN)
     paths: dict[int, str] = {}
-    used = np.unique(pos[a.fast & (reason == 0)])
+    used = _used(pos[a.fast & (reason == 0)], len(images))
     names = [images[k]["file_name"] for k in used.tolist()]
     found, outside = image_dir.paths(names)
     paths.update(zip(used.tolist(), found, strict=True))
     flag = np.zeros(len(images) + 1, bool)  # + 1: pos -1 (masked anyway)
     flag[used] = outside
     mark(flag[pos], _OUTSIDE)
-    used = np.unique(pos[a.fast & (reason == 0)])
+    used = _used(pos[a.fast & (reason == 0)], len(images))
     flag[:] = False
     flag[used] = ~image_dir.exists_many([paths[k] for k in used.tolist()])
     mark(flag[pos], _MISSING_FILE)
@@ -568,26 +578,47 @@ def _gt_records(
                        on_error)  # fmt: skip
 
     keep = np.flatnonzero(a.fast & (reason == 0))
-    entries, entry = np.unique(pos[keep], return_inverse=True)
-    image_paths, sizes, image_ids = [], [], []
-    for k in entries.tolist():
-        image = images[k]
-        image_paths.append(paths[k])
-        sizes.append((int(image["height"]), int(image["width"])) if "height" in image
-                     else (-1, -1))  # fmt: skip
-        image_ids.append(int(image["id"]))
-    if image_ids and not -(2**63) <= min(image_ids) <= max(image_ids) < 2**63:
-        big = next(i for i in image_ids if not -(2**63) <= i < 2**63)
-        raise DataError(f"{report.source}: image id {big} does not fit in 64 bits; renumber it")
-    sizes_a = np.array(sizes, np.int32).reshape(-1, 2)
+    entries = _used(pos[keep], len(images))
+    remap = np.zeros(len(images) + 1, np.int64)
+    remap[entries] = np.arange(len(entries))
+    entry = remap[pos[keep]]
+    chosen = [images[k] for k in entries.tolist()]
+    sizes, image_ids = _image_fields(chosen, report.source)
     fast = RecordTable(
-        image_paths, entry, a.boxes[keep], kps[keep], np.array(image_ids, np.int64)[entry],
-        a.ids[keep], image_sizes=sizes_a[entry], source_prefix=prefix,
+        [paths[k] for k in entries.tolist()], entry, a.boxes[keep], kps[keep],
+        image_ids[entry], a.ids[keep], image_sizes=sizes[entry], source_prefix=prefix,
     )  # fmt: skip
     if not slow:
         return fast
     rest = RecordTable.from_records(list(slow.values()), prefix, spec.num_keypoints)
     return _merge(fast, keep, rest, np.array(list(slow), np.int64))
+
+
+def _used(pos: np.ndarray, n: int) -> np.ndarray:
+    """The distinct values of ``pos`` (in 0..n-1), ascending."""
+    seen = np.zeros(n, bool)
+    seen[pos] = True
+    return np.flatnonzero(seen)
+
+
+def _image_fields(images: list[dict], source: str) -> tuple[np.ndarray, np.ndarray]:
+    """([G, 2] int32 (height, width), -1 without a height; [G] int64 ids) of image entries."""
+    hs = [image.get("height") for image in images]
+    ws = [image.get("width") for image in images]
+    ids = [image["id"] for image in images]
+    if _all_type(hs, int) and _all_type(ws, int) and _all_type(ids, int):
+        sizes = np.stack([np.array(hs, np.int64), np.array(ws, np.int64)], 1)
+        try:
+            return sizes.astype(np.int32), np.array(ids, np.int64)
+        except OverflowError:
+            pass
+    sizes_l = [(int(im["height"]), int(im["width"])) if "height" in im else (-1, -1)
+               for im in images]  # fmt: skip
+    ids_l = [int(i) for i in ids]
+    big = [i for i in ids_l if not -(2**63) <= i < 2**63]
+    if big:
+        raise DataError(f"{source}: image id {big[0]} does not fit in 64 bits; renumber it")
+    return np.array(sizes_l, np.int64).reshape(-1, 2).astype(np.int32), np.array(ids_l, np.int64)
 
 
 def _merge(a: RecordTable, rows_a: np.ndarray, b: RecordTable, rows_b: np.ndarray) -> RecordTable:
@@ -771,6 +802,7 @@ class ImageDir:
         self.root = os.fspath(root) if fs.is_url(root) else Path(root)  # a URL stays a string
         self.allow_outside = allow_outside
         self._found: dict[str, bool] = {}
+        self._listed: dict[str, set[str]] = {}  # local folder -> its files (exists_many)
 
     def path(self, file_name: Any) -> tuple[str, bool]:
         """(the image's path, True when it is outside the folder and that is not allowed)."""
@@ -790,6 +822,9 @@ class ImageDir:
             return [p for p, _ in done], np.array([o for _, o in done], bool)
         root = str(self.root)
         prefix = "" if root == "." else root if root.endswith("/") else root + "/"
+        if (_all_type(file_names, str) and "/" not in "".join(file_names)
+                and not {"", ".", ".."} & set(file_names)):  # fmt: skip
+            return [prefix + name for name in file_names], np.zeros(len(file_names), bool)
         paths, outside = [], np.zeros(len(file_names), bool)
         for i, name in enumerate(file_names):
             if type(name) is str and name and _plain_name(name):
@@ -803,6 +838,10 @@ class ImageDir:
         """Whether the image file exists (asked once per file: annotations share images)."""
         found = self._found.get(path)
         if found is None:
+            folder, slash, name = path.rpartition("/")
+            files = self._listed.get(folder or slash or ".")
+            if files is not None and name in files:
+                return True
             found = self._found[path] = fs.isfile(path)
         return found
 
@@ -811,12 +850,8 @@ class ImageDir:
         :data:`LIST_FOLDER_FILES` of them is listed once instead of asked per file (a name
         the listing lacks is still asked, so the answer is :func:`os.path.isfile`'s)."""
         if not isinstance(self.root, str) and os.sep == "/":
-            by_folder: dict[str, list[tuple[str, str]]] = {}
-            for path in paths:
-                folder, slash, name = path.rpartition("/")
-                by_folder.setdefault(folder or slash or ".", []).append((path, name))
-            for folder, inside in by_folder.items():
-                if len(inside) >= LIST_FOLDER_FILES:
-                    files = _files_in(folder)
-                    self._found.update((path, True) for path, name in inside if name in files)
-        return np.fromiter((self.exists(p) for p in paths), bool, len(paths))
+            folders = Counter(f or s or "." for f, s, _ in (p.rpartition("/") for p in paths))
+            for folder, count in folders.items():
+                if count >= LIST_FOLDER_FILES and folder not in self._listed:
+                    self._listed[folder] = _files_in(folder)
+        return np.fromiter(map(self.exists, paths), bool, len(paths))
