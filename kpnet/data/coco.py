@@ -849,9 +849,20 @@ class ImageDir:
         """:meth:`exists` of many paths [n] bool: a local folder holding at least
         :data:`LIST_FOLDER_FILES` of them is listed once instead of asked per file (a name
         the listing lacks is still asked, so the answer is :func:`os.path.isfile`'s)."""
-        if not isinstance(self.root, str) and os.sep == "/":
-            folders = Counter(f or s or "." for f, s, _ in (p.rpartition("/") for p in paths))
-            for folder, count in folders.items():
-                if count >= LIST_FOLDER_FILES and folder not in self._listed:
-                    self._listed[folder] = _files_in(folder)
+        if isinstance(self.root, str) or os.sep != "/":
+            return np.fromiter(map(self.exists, paths), bool, len(paths))
+        parts = [p.rpartition("/") for p in paths]
+        folders = Counter(f or s or "." for f, s, _ in parts)
+        for folder, count in folders.items():
+            if count >= LIST_FOLDER_FILES and folder not in self._listed:
+                self._listed[folder] = _files_in(folder)
+        if len(folders) == 1 and next(iter(folders)) in self._listed:  # one listed folder
+            names = [name for _, _, name in parts]
+            unlisted = set(names).difference(self._listed[next(iter(folders))])
+            found = np.ones(len(paths), bool)
+            if unlisted:  # not in the listing: asked (a folder, a missing file, ...)
+                for i, name in enumerate(names):
+                    if name in unlisted:
+                        found[i] = self.exists(paths[i])
+            return found
         return np.fromiter(map(self.exists, paths), bool, len(paths))
