@@ -516,7 +516,8 @@ def _gt_records(
     on_error: str,
 ) -> RecordTable:  # fmt: skip
     """One record per kept annotation, in file order: compact rows checked with NumPy
-    (images looked up, opened and listed once per image), kept dicts one by one."""
+    (each image looked up and probed once, a folder of many listed once), kept dicts one by
+    one; the first bad one in file order raises (or all are counted)."""
     a, images = coco.rows, coco.data["images"]
     n3 = 3 * spec.num_keypoints
     reason = np.zeros(a.n, np.int8)
@@ -607,8 +608,8 @@ def _image_fields(images: list[dict], source: str) -> tuple[np.ndarray, np.ndarr
     ws = [image.get("width") for image in images]
     ids = [image["id"] for image in images]
     if _all_type(hs, int) and _all_type(ws, int) and _all_type(ids, int):
-        sizes = np.stack([np.array(hs, np.int64), np.array(ws, np.int64)], 1)
         try:
+            sizes = np.stack([np.array(hs, np.int64), np.array(ws, np.int64)], 1)
             return sizes.astype(np.int32), np.array(ids, np.int64)
         except OverflowError:
             pass

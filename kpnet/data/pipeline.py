@@ -10,13 +10,15 @@ Example:
 
 How it works:
 
-1. records are grouped by image file, so an image holding several instances is read and
+1. records (a :class:`~kpnet.data.records.RecordTable`, from a COCO json, is read as its
+   arrays) are grouped by image file, so an image holding several instances is read and
    decoded ONCE (at evaluation consecutive records of one file form a group, keeping the
    record order; at training all of a file's records do); image sizes come from the file
    headers, read up front (above :data:`CHECK_IMAGES_LIMIT` files, from the records: the
    annotations' sizes); a :class:`kpnet.data.tfrecord.TFRecordSet` is streamed instead,
    through the same geometry (:mod:`kpnet.data.tfrecord`);
-2. at the start of each epoch, ONE batched graph call gives every instance its [2, 3] affine
+2. at the start of each epoch (above :data:`CHUNK_IMAGES` images: of each chunk of that
+   many, as the epoch goes), ONE batched graph call gives every instance its [2, 3] affine
    matrix (image -> input crop, pixel centres at integer coordinates, see
    :mod:`kpnet.codec`) from its box (or the whole image) and the random augmentation
    (:mod:`kpnet.data.augment`, stateless, keyed by seed, epoch and record, so a run is
