@@ -9,6 +9,8 @@ json, and the same data converted to TFRecords (``kpnet data convert --to tfreco
 - ``first_batch_s``: from loading the source (the json and its records, or the TFRecord
   index) to the first augmented training batch (``build_dataset(..., training=True,
   repeat=True)``), i.e. what ``kpnet fit`` waits before training starts;
+  ``first_batch_cpu_s``: the CPU-seconds of the process meanwhile (all threads; steadier
+  on a shared machine);
 - ``extra_memory_mb``: peak resident memory until the first batch minus the resident
   memory after importing TensorFlow and kpnet (``VmHWM`` / ``VmRSS``, Linux);
 - ``images_per_s`` / ``instances_per_s``: steady state, after ``--warmup`` batches, over
@@ -117,7 +119,7 @@ def case(cache: Path, size: int, source: str, batch: int, warmup: int, steps: in
     tf.constant(0)  # initialise the runtime before the baseline
     p = _paths(cache, size)
     base = _memory("VmRSS")
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     if source == "coco":
         spec, data = load_coco_records(p["json"], p["images"], spec=pin_spec())
     else:
@@ -127,7 +129,7 @@ def case(cache: Path, size: int, source: str, batch: int, warmup: int, steps: in
     ds = build_dataset(data, spec, config, batch, training=True, repeat=True, seed=0)
     it = iter(ds)
     next(it)
-    first = time.perf_counter() - start
+    first, first_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     peak = _memory("VmHWM")
     for _ in range(warmup):
         next(it)
@@ -136,7 +138,8 @@ def case(cache: Path, size: int, source: str, batch: int, warmup: int, steps: in
         next(it)
     rate = steps * batch / (time.perf_counter() - t0)
     per_cpu = steps * batch / PER_IMAGE / (time.process_time() - cpu0)
-    return {"first_batch_s": round(first, 2), "extra_memory_mb": round((peak - base) / 2**20),
+    return {"first_batch_s": round(first, 2), "first_batch_cpu_s": round(first_cpu, 2),
+            "extra_memory_mb": round((peak - base) / 2**20),
             "instances_per_s": round(rate, 1), "images_per_s": round(rate / PER_IMAGE, 1),
             "images_per_cpu_s": round(per_cpu, 1)}  # fmt: skip
 

@@ -2,11 +2,12 @@
 
 Loaders validate cheap things up front (file exists, keypoint count, NaN, box area) and,
 with ``on_error="skip"``, skip and count bad records in a :class:`LoadReport` attached to the
-returned :class:`Records` list. :func:`check_records` summarises records for humans
-(``kpnet data check``). Corrupt image files are only found by decoding: pass ``decode=True``
-here (slow on all of COCO: every image is decoded in full by TensorFlow, as training does, so a
-truncated JPEG that OpenCV would half-read counts as corrupt) or let the pipeline's
-``on_error`` catch them while training.
+returned :class:`Records` list (or :class:`~kpnet.data.records.RecordTable`: COCO json).
+:func:`check_records` summarises records for humans (``kpnet data check``). Corrupt image
+files are only found by decoding: pass ``decode=True`` here (slow on all of COCO: every
+image is decoded in full by TensorFlow, as training does, so a truncated JPEG that OpenCV
+would half-read counts as corrupt) or let the pipeline's ``on_error`` catch them while
+training.
 
 Example:
     >>> import numpy as np

@@ -10,13 +10,15 @@ Example:
 
 How it works:
 
-1. records are grouped by image file, so an image holding several instances is read and
+1. records (a :class:`~kpnet.data.records.RecordTable`, from a COCO json, is read as its
+   arrays) are grouped by image file, so an image holding several instances is read and
    decoded ONCE (at evaluation consecutive records of one file form a group, keeping the
    record order; at training all of a file's records do); image sizes come from the file
    headers, read up front (above :data:`CHECK_IMAGES_LIMIT` files, from the records: the
    annotations' sizes); a :class:`kpnet.data.tfrecord.TFRecordSet` is streamed instead,
    through the same geometry (:mod:`kpnet.data.tfrecord`);
-2. at the start of each epoch, ONE batched graph call gives every instance its [2, 3] affine
+2. at the start of each epoch (above :data:`CHUNK_IMAGES` images: of each chunk of that
+   many, as the epoch goes), ONE batched graph call gives every instance its [2, 3] affine
    matrix (image -> input crop, pixel centres at integer coordinates, see
    :mod:`kpnet.codec`) from its box (or the whole image) and the random augmentation
    (:mod:`kpnet.data.augment`, stateless, keyed by seed, epoch and record, so a run is
@@ -63,7 +65,7 @@ import tensorflow as tf
 from kpnet import codec, fs
 from kpnet.crops import reduced_matrices, reduction_ratios, sample_crops
 from kpnet.data import augment as aug
-from kpnet.data.records import DataError, InstanceRecord
+from kpnet.data.records import DataError, InstanceRecord, RecordTable
 from kpnet.spec import KeypointSpec
 
 log = logging.getLogger(__name__)
@@ -124,22 +126,110 @@ class PipelineConfig:
 
 
 # --------------------------------------------------------------------------- record checks
-def _record_arrays(records: Sequence[InstanceRecord], spec: KeypointSpec):
-    """Stack keypoints [N,K,3] and boxes [N,4]; DataError on a malformed record."""
+@dataclass
+class _Columns:
+    """What the pipeline reads of N records, as arrays (row i = record i)."""
+
+    keypoints: np.ndarray  # [N, K, 3] float32
+    boxes: np.ndarray  # [N, 4] float32
+    paths: list[str]  # [P] the distinct image paths
+    path_index: np.ndarray  # [N] int64 into paths
+    sizes: np.ndarray  # [N, 2] int image (H, W), -1 where unknown
+    image_ids: np.ndarray  # [N] int64
+    record_ids: np.ndarray  # [N] int64
+    scores: np.ndarray  # [N] float64
+
+    def __len__(self) -> int:
+        return len(self.path_index)
+
+
+def _kp_ok(kp: np.ndarray, k: int) -> bool:
+    return kp.shape == (k, 3) and bool(np.isfinite(kp).all())
+
+
+def _box_ok(box: Sequence[float]) -> bool:
+    return len(box) == 4 and bool(np.isfinite(box).all()) and min(box[2:]) > 0
+
+
+def _record_error(r: InstanceRecord, k: int) -> DataError:
+    kp = np.asarray(r.keypoints, np.float32)
+    if not _kp_ok(kp, k):
+        return DataError(
+            f"{r.describe()}: keypoints must be finite float [{k}, 3] for this spec, got "
+            f"shape {kp.shape}; fix the source or the spec"
+        )
+    return DataError(f"{r.describe()}: box must be (x, y, w, h) with w, h > 0, got {r.box}")
+
+
+def _record_arrays(records: Sequence[InstanceRecord], spec: KeypointSpec) -> _Columns:
+    """The records' :class:`_Columns`; DataError naming the first malformed record.
+
+    A :class:`~kpnet.data.records.RecordTable` is read column by column (its records
+    handed out so far row by row: they may have changed); any other sequence record by record.
+    """
     k = spec.num_keypoints
-    kps = np.zeros((len(records), k, 3), np.float32)
-    boxes = np.zeros((len(records), 4), np.float32)
+    if isinstance(records, RecordTable):
+        return _table_arrays(records, k)
+    n = len(records)
+    kps = np.zeros((n, k, 3), np.float32)
+    boxes = np.zeros((n, 4), np.float32)
+    sizes = np.full((n, 2), -1, np.int64)
+    index: dict[str, int] = {}
+    path_index = np.zeros(n, np.int64)
     for i, r in enumerate(records):
         kp = np.asarray(r.keypoints, np.float32)
-        if kp.shape != (k, 3) or not np.isfinite(kp).all():
-            raise DataError(
-                f"{r.describe()}: keypoints must be finite float [{k}, 3] for this spec, got "
-                f"shape {kp.shape}; fix the source or the spec"
-            )
-        if len(r.box) != 4 or not np.isfinite(r.box).all() or min(r.box[2:]) <= 0:
-            raise DataError(f"{r.describe()}: box must be (x, y, w, h) with w, h > 0, got {r.box}")
+        if not _kp_ok(kp, k) or not _box_ok(r.box):
+            raise _record_error(r, k)
         kps[i], boxes[i] = kp, r.box
-    return kps, boxes
+        path_index[i] = index.setdefault(r.image_path, len(index))
+        if r.image_size is not None:
+            sizes[i] = r.image_size
+    return _Columns(
+        kps, boxes, list(index), path_index, sizes,
+        np.array([int(r.image_id) for r in records], np.int64).reshape(n),
+        np.array([int(r.record_id) for r in records], np.int64).reshape(n),
+        np.array([float(r.score) for r in records], np.float64).reshape(n),
+    )  # fmt: skip
+
+
+def _table_arrays(t: RecordTable, k: int) -> _Columns:
+    """:func:`_record_arrays` of a table: NumPy checks, then its handed-out records."""
+    n = len(t)
+    kps, boxes, image, sizes = t.keypoints, t.boxes, t.image, t.image_sizes
+    image_ids, record_ids, scores = t.image_ids, t.record_ids, t.scores
+    if kps.shape[1:] == (k, 3):
+        ok = np.isfinite(kps).all((1, 2))
+    else:
+        kps, ok = np.zeros((n, k, 3), np.float32), np.zeros(n, bool)
+    ok &= np.isfinite(boxes).all(1) & (boxes[:, 2] > 0) & (boxes[:, 3] > 0)
+    paths = t.image_paths
+    given = t.given()
+    if given:
+        kps, boxes, image, sizes = kps.copy(), boxes.copy(), image.copy(), sizes.copy()
+        image_ids, record_ids, scores = image_ids.copy(), record_ids.copy(), scores.copy()
+        paths = list(paths)
+        where: dict[str, int] | None = None
+        for i, r in given:
+            kp = np.asarray(r.keypoints, np.float32)
+            ok[i] = _kp_ok(kp, k) and _box_ok(r.box)
+            if not ok[i]:
+                continue
+            kps[i], boxes[i] = kp, r.box
+            if r.image_path != paths[image[i]]:
+                if where is None:
+                    where = {p: j for j, p in enumerate(paths)}
+                image[i] = where.setdefault(r.image_path, len(paths))
+                if image[i] == len(paths):
+                    paths.append(r.image_path)
+            sizes[i] = r.image_size if r.image_size is not None else (-1, -1)
+            image_ids[i], record_ids[i], scores[i] = int(r.image_id), int(r.record_id), r.score
+    if not ok.all():
+        raise _record_error(t[int(np.argmin(ok))], k)
+    used, inverse = np.unique(image, return_inverse=True)  # entries rows use, by path
+    index: dict[str, int] = {}
+    entry = np.array([index.setdefault(paths[j], len(index)) for j in used.tolist()], np.int64)
+    return _Columns(kps.astype(np.float32, copy=False), boxes.astype(np.float32), list(index),
+                    entry[inverse.reshape(-1)], sizes, image_ids, record_ids, scores)  # fmt: skip
 
 
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # JPEG start-of-frame markers
@@ -199,68 +289,103 @@ def _inspect(path: str) -> tuple[str | None, tuple[int, int], bool]:
 CHECK_IMAGES_LIMIT = 10_000
 
 
-def _check_files(records: Sequence[InstanceRecord], on_error: str, check: bool | None = None):
-    """(indices of records with a usable image, {path: ((H, W), is JPEG)}); DataError if bad.
+def _check_files(
+    cols: _Columns, records: Sequence[InstanceRecord], on_error: str, check: bool | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(indices of records with a usable image, then per path of ``cols.paths``: (H, W)
+    [P, 2], is JPEG [P], usable [P]); DataError naming the first record of a bad file.
 
     ``check`` False (None: more than :data:`CHECK_IMAGES_LIMIT` files) takes sizes from the
     records' ``image_size`` and JPEG / PNG from the file name, opening no file, when every
     record has a size and a ``.jpg`` / ``.jpeg`` / ``.png`` name (else it opens them all).
     """
-    paths = sorted({r.image_path for r in records})
+    paths, n = cols.paths, len(cols)
     if check is False or (check is None and len(paths) > CHECK_IMAGES_LIMIT):
-        known = _known_sizes(records)
+        known = _known_sizes(cols)
         if known is not None:
-            return np.arange(len(records), dtype=np.int64), known
+            return np.arange(n, dtype=np.int64), *known, np.ones(len(paths), bool)
+    order = sorted(range(len(paths)), key=paths.__getitem__)
     with ThreadPoolExecutor(8) as pool:
-        found = dict(zip(paths, pool.map(_inspect, paths), strict=True))
-    bad = {p: why for p, (why, _, _) in found.items() if why}
+        found = dict(zip(order, pool.map(_inspect, [paths[j] for j in order]), strict=True))
+    bad = {j: why for j, (why, _, _) in found.items() if why}
+    usable = np.ones(len(paths), bool)
+    usable[list(bad)] = False
     if bad and on_error == "raise":
-        first = next(r for r in records if r.image_path in bad)
+        i = int(np.argmin(usable[cols.path_index]))
+        first, why = records[i], bad[int(cols.path_index[i])]
         more = f" ({len(bad) - 1} more bad files)" if len(bad) > 1 else ""
         raise DataError(
-            f"{first.describe()}: {bad[first.image_path]}: {first.image_path}{more}. "
+            f"{first.describe()}: {why}: {first.image_path}{more}. "
             "Fix or remove the file, or pass on_error='skip'"
         )
-    keep = np.array([i for i, r in enumerate(records) if r.image_path not in bad], np.int64)
+    keep = np.flatnonzero(usable[cols.path_index]).astype(np.int64)
     if bad:
-        log.warning(
-            "skipping %d records of %d unusable image files (first: %s: %s)",
-            len(records) - len(keep),
-            len(bad),
-            *next(iter(bad.items())),
-        )
-    return keep, {p: (hw, jpeg) for p, (why, hw, jpeg) in found.items() if not why}
+        j, why = next(iter(bad.items()))
+        log.warning("skipping %d records of %d unusable image files (first: %s: %s)",
+                    n - len(keep), len(bad), paths[j], why)  # fmt: skip
+    hw = np.zeros((len(paths), 2), np.int32)
+    jpeg = np.zeros(len(paths), bool)
+    for j, (why, size, is_jpeg) in found.items():
+        if not why:
+            hw[j], jpeg[j] = size, is_jpeg
+    return keep, hw, jpeg, usable
 
 
-def _known_sizes(records: Sequence[InstanceRecord]) -> dict[str, tuple[tuple[int, int], bool]]:
-    """{path: ((H, W), is JPEG)} from the records alone, or None if one lacks a size or a
-    ``.jpg`` / ``.jpeg`` / ``.png`` name."""
-    known: dict[str, tuple[tuple[int, int], bool]] = {}
-    for r in records:
-        ext = os.path.splitext(r.image_path)[1].lower()
-        if r.image_size is None or ext not in (".jpg", ".jpeg", ".png") or min(r.image_size) <= 0:
-            return None
-        known[r.image_path] = ((int(r.image_size[0]), int(r.image_size[1])), ext != ".png")
-    return known
+def _known_sizes(cols: _Columns) -> tuple[np.ndarray, np.ndarray] | None:
+    """((H, W) [P, 2], is JPEG [P]) of ``cols.paths`` from the records alone (a path's last
+    record), or None if a record lacks a size or a path a ``.jpg`` / ``.jpeg`` / ``.png`` name."""
+    if len(cols) and (cols.sizes.min(1) <= 0).any():
+        return None
+    exts = [os.path.splitext(p)[1].lower() for p in cols.paths]
+    if any(e not in (".jpg", ".jpeg", ".png") for e in exts):
+        return None
+    _, last = np.unique(cols.path_index[::-1], return_index=True)  # sorted = path order
+    hw = cols.sizes[len(cols) - 1 - last].astype(np.int32).reshape(-1, 2)
+    return hw, np.array([e != ".png" for e in exts], bool)
 
 
-def _group(records: Sequence[InstanceRecord], keep: np.ndarray, consecutive: bool):
-    """Record indices grouped by image file: (paths [G], members ragged [G, None])."""
-    groups: list[tuple[str, list[int]]] = []
-    index: dict[str, int] = {}
-    for i in keep.tolist():
-        path = records[i].image_path
-        if consecutive:
-            if groups and groups[-1][0] == path:
-                groups[-1][1].append(i)
-            else:
-                groups.append((path, [i]))
-        elif path in index:
-            groups[index[path]][1].append(i)
-        else:
-            index[path] = len(groups)
-            groups.append((path, [i]))
-    return [g[0] for g in groups], [g[1] for g in groups]
+@dataclass
+class _Groups:
+    """Record indices grouped by image file: group g is ``members[splits[g]:splits[g+1]]``,
+    its image ``path_index[g]`` (into :attr:`_Columns.paths`)."""
+
+    path_index: np.ndarray  # [G] int64
+    members: np.ndarray  # [n] int64
+    splits: np.ndarray  # [G + 1] int64
+
+    def __len__(self) -> int:
+        return len(self.path_index)
+
+    @property
+    def counts(self) -> np.ndarray:
+        return np.diff(self.splits)
+
+    def shard(self, index: int, num: int) -> _Groups:
+        """Groups ``index::num``."""
+        keep = np.zeros(len(self), bool)
+        keep[index::num] = True
+        counts = self.counts[keep]
+        return _Groups(self.path_index[keep], self.members[np.repeat(keep, self.counts)],
+                       np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))  # fmt: skip
+
+
+def _group(cols: _Columns, keep: np.ndarray, consecutive: bool) -> _Groups:
+    """The ``keep`` records grouped by image file: at evaluation (``consecutive``) each run
+    of records of one file is a group, in record order; else all of a file's records, the
+    groups in order of their first record."""
+    path = cols.path_index[keep]
+    if consecutive:
+        start = np.flatnonzero(np.r_[True, path[1:] != path[:-1]]) if len(path) else path
+        return _Groups(path[start], keep, np.r_[start, len(path)].astype(np.int64))
+    uniq, first, inverse = np.unique(path, return_index=True, return_inverse=True)
+    by_first = np.argsort(first)
+    rank = np.empty(len(uniq), np.int64)
+    rank[by_first] = np.arange(len(uniq))
+    group = rank[inverse.reshape(-1)]
+    order = np.argsort(group, kind="stable")
+    counts = np.bincount(group, minlength=len(uniq))
+    return _Groups(uniq[by_first], keep[order],
+                   np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- graph helpers
@@ -355,29 +480,32 @@ def _crops(image, warps, colors, color_m, out_hw, fill_value) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- the builder
+#: Images per chunk of an epoch's tables (see :meth:`_Builder.epochs`).
+CHUNK_IMAGES = 16384
+
+
 class _Builder:
     """Holds the constant tables and the graph functions of one dataset."""
 
     on_error = "raise"
 
-    def __init__(self, records, spec, config, training, seed, paths, members, sizes, kps, boxes,
+    def __init__(self, spec, config, training, seed, cols: _Columns, groups: _Groups,
+                 hw: np.ndarray, is_jpeg: np.ndarray, usable: np.ndarray,
                  on_error: str = "raise"):  # fmt: skip
         self.spec, self.config, self.training, self.seed = spec, config, training, int(seed)
         self.on_error = on_error
         self.seed_t = tf.constant(self.seed, tf.int64)
-        self.paths = tf.constant(paths)
-        self.is_jpeg = tf.constant([sizes[p][1] for p in paths])
-        self.hw = tf.constant(np.array([sizes[p][0] for p in paths], np.int32).reshape(-1, 2))
-        self.flat_members = tf.constant(np.concatenate(members).astype(np.int64))
-        counts = [len(m) for m in members]
-        self.member_group = tf.constant(np.repeat(np.arange(len(members)), counts))
-        self.splits = tf.constant(np.cumsum([0, *counts]), tf.int64)
-        self.num_groups, self.num_records = len(paths), len(records)
-        self.keypoints = tf.constant(kps)
-        self.boxes = tf.constant(boxes)
-        self.record_hw = tf.constant(np.array(
-            [sizes[r.image_path][0] if r.image_path in sizes else (0, 0) for r in records],
-            np.int32).reshape(-1, 2))  # fmt: skip
+        self.paths = tf.constant([cols.paths[j] for j in groups.path_index.tolist()], tf.string)
+        self.is_jpeg = tf.constant(is_jpeg[groups.path_index])
+        self.hw = tf.constant(hw[groups.path_index].astype(np.int32).reshape(-1, 2))
+        self.flat_members = tf.constant(groups.members.astype(np.int64))
+        self.member_group = tf.constant(np.repeat(np.arange(len(groups)), groups.counts))
+        self.splits = tf.constant(groups.splits, tf.int64)
+        self.num_groups, self.num_records = len(groups), len(cols)
+        self.keypoints = tf.constant(cols.keypoints)
+        self.boxes = tf.constant(cols.boxes)
+        record_hw = np.where(usable[cols.path_index, None], hw[cols.path_index], 0)
+        self.record_hw = tf.constant(record_hw.astype(np.int32).reshape(-1, 2))
         self.flip_index = tf.constant(spec.flip_index, tf.int32)
         a = config.augment
         self.upper = a.upper_body_index(spec) if a.half_body_prob > 0 else None
@@ -459,14 +587,20 @@ class _Builder:
         return tf.concat([hm, tf.where(inside, v, 0.0)[..., None]], axis=-1)
 
     # -- stages -----------------------------------------------------------------------
-    def epoch_tables(self, epoch: tf.Tensor, order: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    def epoch_tables(
+        self, epoch: tf.Tensor, order: tf.Tensor, chunk: tf.Tensor | None = None
+    ) -> tuple[tf.Tensor, ...]:
         """Everything random and geometric of one epoch, for ALL instances in a few batched
         ops, per image in ``order``: (epoch, path, decode branch, window, then ragged
         [G, None, ...]: window -> crop matrices, colour parameters, colour matrices,
-        image -> crop matrices, keypoints, record indices)."""
+        image -> crop matrices, keypoints, record indices). ``chunk`` > 0 (see
+        :meth:`chunk_tables`) is folded into the random key."""
         idx, group = self.flat_members, self.member_group
         n = tf.shape(idx)[0]
-        seeds = tf.random.experimental.stateless_split(tf.stack([self.seed_t, epoch]), 2)
+        key = tf.stack([self.seed_t, epoch])
+        if chunk is not None:
+            key = tf.where(chunk > 0, tf.random.experimental.stateless_fold_in(key, chunk), key)
+        seeds = tf.random.experimental.stateless_split(key, 2)
         m = self.matrices(idx, tf.gather(self.hw, group), seeds[0])
         if self.training:
             colors = aug.sample_color(self.config.augment, seeds[1], n)
@@ -518,16 +652,44 @@ class _Builder:
         image = self.albu.apply(image, (epoch * self.num_records + idx) * 7919 + self.seed)
         return image, keypoints, m, idx, epoch, *extra
 
+    def chunk_tables(self, epoch: tf.Tensor, images: tf.Tensor, chunk: tf.Tensor):
+        """:meth:`epoch_tables` of the images ``images`` [m] (distinct), in that order: a
+        builder restricted to them (in image order) draws with ``chunk`` folded in."""
+        perm = tf.argsort(images)
+        ascending = tf.gather(images, perm)
+        sub = tf.gather(
+            tf.RaggedTensor.from_row_splits(self.flat_members, self.splits, validate=False),
+            ascending,
+        )
+        view = object.__new__(type(self))
+        view.__dict__.update(self.__dict__)
+        view.flat_members, view.splits = sub.flat_values, sub.row_splits
+        view.member_group = sub.value_rowids()
+        view.paths, view.hw = tf.gather(self.paths, ascending), tf.gather(self.hw, ascending)
+        view.is_jpeg, view.num_groups = tf.gather(self.is_jpeg, ascending), tf.size(images)
+        return view.epoch_tables(epoch, tf.argsort(perm), chunk)
+
     def epochs(self, shuffle: bool, repeat: bool) -> tf.data.Dataset:
-        """Per image :meth:`epoch_tables`; images permuted per epoch (stateless) if shuffling."""
-        g = self.num_groups
+        """Per image :meth:`epoch_tables`; images permuted per epoch (stateless) if shuffling.
+
+        Above :data:`CHUNK_IMAGES` images, each epoch is computed a chunk of that many images
+        (in epoch order) at a time, as the epoch goes: the first batch and the memory held do
+        not grow with the dataset. (Random draws are then keyed by chunk too.)
+        """
+        g, size = self.num_groups, CHUNK_IMAGES
+        chunks = -(-g // size)
 
         def one_epoch(e):
             order = tf.range(g, dtype=tf.int64)
             if shuffle:
                 u = tf.random.stateless_uniform([g], seed=tf.stack([self.seed + 2, e]))
                 order = tf.gather(order, tf.argsort(u))
-            return tf.data.Dataset.from_tensor_slices(self.epoch_tables(e, order))
+            if chunks <= 1:
+                return tf.data.Dataset.from_tensor_slices(self.epoch_tables(e, order))
+            tables = tf.data.Dataset.range(chunks).map(
+                lambda c: self.chunk_tables(e, order[c * size : (c + 1) * size], c)
+            )
+            return tables.flat_map(lambda *t: tf.data.Dataset.from_tensor_slices(t))
 
         if repeat:
             return tf.data.Dataset.counter().flat_map(one_epoch)
@@ -596,29 +758,29 @@ def build_dataset(
             repeat=repeat, with_meta=with_meta, input_context=input_context,
             on_error=on_error, drop_remainder=drop_remainder,
         )  # fmt: skip
-    records = list(records)
-    if not records:
+    if not isinstance(records, RecordTable):
+        records = list(records)
+    if not len(records):
         raise DataError("build_dataset: no records (check the annotation file and filters)")
     shuffle = training if shuffle is None else bool(shuffle)
     drop_remainder = training if drop_remainder is None else bool(drop_remainder)
-    kps, boxes = _record_arrays(records, spec)
-    keep, sizes = _check_files(records, on_error, check_images)
-    paths, members = _group(records, keep, consecutive=not shuffle)
-    if not paths:
+    cols = _record_arrays(records, spec)
+    keep, hw, is_jpeg, usable = _check_files(cols, records, on_error, check_images)
+    groups = _group(cols, keep, consecutive=not shuffle)
+    if not len(groups):
         raise DataError("build_dataset: every record's image file is unusable")
     if input_context is not None:
-        pid, num = input_context.input_pipeline_id, input_context.num_input_pipelines
-        paths, members = paths[pid::num], members[pid::num]
+        groups = groups.shard(input_context.input_pipeline_id, input_context.num_input_pipelines)
         batch_size = input_context.get_per_replica_batch_size(batch_size)
-    if drop_remainder and not repeat and sum(map(len, members)) < batch_size:
+    total = len(groups.members)
+    if drop_remainder and not repeat and total < batch_size:
         raise DataError(
-            f"build_dataset: {sum(map(len, members))} instances are fewer than one batch of "
+            f"build_dataset: {total} instances are fewer than one batch of "
             f"{batch_size} with drop_remainder; lower the batch size or pass repeat=True"
         )
-    b = _Builder(records, spec, config, training, seed, paths, members, sizes, kps, boxes,
-                 on_error)  # fmt: skip
+    b = _Builder(spec, config, training, seed, cols, groups, hw, is_jpeg, usable, on_error)
     ds = b.epochs(shuffle, repeat).map(b.load, num_parallel_calls=AUTOTUNE, deterministic=True)
-    num = sum(map(len, members)) if not repeat and on_error == "raise" else None
+    num = total if not repeat and on_error == "raise" else None
     return _finish(ds, b, batch_size, training, shuffle, drop_remainder, with_meta, seed,
                    num, input_context is not None)  # fmt: skip
 

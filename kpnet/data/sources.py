@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kpnet.data.records import InstanceRecord
+from kpnet.data.records import InstanceRecord, RecordTable
 from kpnet.recipe import Recipe
 from kpnet.spec import KeypointSpec
 
@@ -48,7 +48,7 @@ def pipeline_config(recipe: Recipe):
 
 def load_data(
     recipe: Recipe, detections: bool = False
-) -> tuple[KeypointSpec, list[InstanceRecord], list[InstanceRecord]]:
+) -> tuple[KeypointSpec, Sequence[InstanceRecord], Sequence[InstanceRecord]]:
     """(spec, train records, validation records) of a recipe's data section.
 
     ``detections``: use ``data.coco.val_boxes`` (detector boxes) for the validation records.
@@ -96,7 +96,7 @@ def _load_coco(c, spec, on_error: str, detections: bool):
         on_error=on_error,
         allow_outside_root=c.allow_outside_root,
     )
-    return spec, list(train), list(val)
+    return spec, train, val
 
 
 def _load_synthetic(s, spec, on_error: str):
@@ -114,7 +114,7 @@ def _load_synthetic(s, spec, on_error: str):
     )
     _, train = load_coco_records(*paths["train"], spec=spec, on_error=on_error)
     _, val = load_coco_records(*paths["val"], spec=spec, on_error=on_error)
-    return spec, list(train), list(val)
+    return spec, train, val
 
 
 def _load_tfrecord(recipe: Recipe, spec: KeypointSpec | None):
@@ -148,8 +148,9 @@ def _check_spec(recipe: Recipe, spec: KeypointSpec | None, source: KeypointSpec)
 
 def split_by_image(
     records: Sequence[InstanceRecord], fraction: float, seed: int
-) -> tuple[list[InstanceRecord], list[InstanceRecord]]:
-    """Split records into (train, val) by image, ``fraction`` of the images to val.
+) -> tuple[Sequence[InstanceRecord], Sequence[InstanceRecord]]:
+    """Split records into (train, val) by image, ``fraction`` of the images to val (a
+    :class:`~kpnet.data.records.RecordTable` into two tables, other sequences into lists).
 
     Example:
         >>> recs = [InstanceRecord(f"{i}.png", (0, 0, 9, 9), np.zeros((1, 3)), image_id=i)
@@ -157,14 +158,24 @@ def split_by_image(
         >>> [len(part) for part in split_by_image(recs, 0.2, seed=0)]
         [8, 2]
     """
-    images = sorted({r.image_path for r in records})
+    table = isinstance(records, RecordTable)
+    if table:  # records handed out may have moved to another image: read theirs
+        paths = [records.image_paths[j] for j in records.image.tolist()]
+        for i, r in records.given():
+            paths[i] = r.image_path
+    else:
+        paths = [r.image_path for r in records]
+    images = sorted(set(paths))
     if fraction <= 0 or len(images) < 2:
-        return list(records), []
+        return (records if table else list(records)), []
     rng = np.random.default_rng(seed)
     n_val = min(max(1, round(fraction * len(images))), len(images) - 1)
     val_images = set(rng.permutation(images)[:n_val].tolist())
-    train = [r for r in records if r.image_path not in val_images]
-    val = [r for r in records if r.image_path in val_images]
+    to_val = np.fromiter((p in val_images for p in paths), bool, len(paths))
+    if table:
+        return records.take(np.flatnonzero(~to_val)), records.take(np.flatnonzero(to_val))
+    train = [r for r, v in zip(records, to_val, strict=True) if not v]
+    val = [r for r, v in zip(records, to_val, strict=True) if v]
     return train, val
 
 

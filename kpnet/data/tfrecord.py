@@ -50,7 +50,7 @@ import tensorflow as tf
 
 from kpnet import fs
 from kpnet.data import pipeline as pl
-from kpnet.data.records import DataError, InstanceRecord
+from kpnet.data.records import DataError, InstanceRecord, RecordTable
 from kpnet.spec import KeypointSpec
 
 INDEX = "index.json"
@@ -109,19 +109,18 @@ def _feature(values, kind: str) -> tf.train.Feature:
     return tf.train.Feature(float_list=tf.train.FloatList(value=values))
 
 
-def _example(data: bytes, path: str, hw, members: list[int], records, kps, boxes):
-    first = records[members[0]]
+def _example(data: bytes, path: str, hw, members: np.ndarray, cols: pl._Columns) -> bytes:
     feats = {
         "image/encoded": _feature([data], "bytes"),
         "image/path": _feature([path.encode("utf-8")], "bytes"),
-        "image/id": _feature([int(first.image_id)], "int"),
+        "image/id": _feature([int(cols.image_ids[members[0]])], "int"),
         "image/height": _feature([int(hw[0])], "int"),
         "image/width": _feature([int(hw[1])], "int"),
-        "instance/box": _feature(boxes[members].reshape(-1).tolist(), "float"),
-        "instance/keypoints": _feature(kps[members].reshape(-1).tolist(), "float"),
-        "instance/record_id": _feature([int(records[i].record_id) for i in members], "int"),
-        "instance/index": _feature(members, "int"),
-        "instance/score": _feature([float(records[i].score) for i in members], "float"),
+        "instance/box": _feature(cols.boxes[members].reshape(-1).tolist(), "float"),
+        "instance/keypoints": _feature(cols.keypoints[members].reshape(-1).tolist(), "float"),
+        "instance/record_id": _feature(cols.record_ids[members].tolist(), "int"),
+        "instance/index": _feature(members.tolist(), "int"),
+        "instance/score": _feature(cols.scores[members].tolist(), "float"),
     }
     return tf.train.Example(features=tf.train.Features(feature=feats)).SerializeToString()
 
@@ -164,16 +163,19 @@ def write_tfrecords(
     if fs.exists(fs.join(out, INDEX)):
         raise DataError(f"{out}: already holds a TFRecord set ({INDEX}); choose another output "
                         "folder or delete it first")  # fmt: skip
-    records = list(records)
-    if not records:
+    if not isinstance(records, RecordTable):
+        records = list(records)
+    if not len(records):
         raise DataError(f"{source or out}: no records to convert")
     if shards is not None and int(shards) < 1:
         raise DataError(f"--shards must be >= 1, got {shards}")
-    kps, boxes = pl._record_arrays(records, spec)
-    keep, sizes = pl._check_files(records, on_error, check=True)
-    paths, members = pl._group(records, keep, consecutive=False)
-    if not paths:
+    cols = pl._record_arrays(records, spec)
+    keep, sizes, _, _ = pl._check_files(cols, records, on_error, check=True)
+    groups = pl._group(cols, keep, consecutive=False)
+    if not len(groups):
         raise DataError(f"{source or out}: every record's image file is unusable")
+    paths = [cols.paths[j] for j in groups.path_index.tolist()]
+    splits = groups.splits
     nbytes = [fs.size(p) for p in paths]
     if shards is None:
         shards = max(1, math.ceil(sum(nbytes) / SHARD_BYTES))
@@ -187,11 +189,12 @@ def write_tfrecords(
         count = 0
         with tf.io.TFRecordWriter(tmp) as writer:
             for g in range(start, end):
-                hw = sizes[paths[g]][0]
-                size_counts[tuple(hw)] = size_counts.get(tuple(hw), 0) + 1
+                hw = tuple(sizes[groups.path_index[g]].tolist())
+                size_counts[hw] = size_counts.get(hw, 0) + 1
+                members = groups.members[splits[g] : splits[g + 1]]
                 data = fs.read_bytes(paths[g])
-                writer.write(_example(data, paths[g], hw, members[g], records, kps, boxes))
-                count += len(members[g])
+                writer.write(_example(data, paths[g], hw, members, cols))
+                count += len(members)
         fs.rename(tmp, fs.join(out, name))
         entries.append({"file": name, "images": end - start, "records": count,
                         "bytes": int(sum(nbytes[start:end]))})  # fmt: skip
