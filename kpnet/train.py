@@ -59,7 +59,7 @@ from kpnet.callbacks import (
     NaNGuard,
     read_backup,
 )
-from kpnet.data.records import InstanceRecord
+from kpnet.data.records import InstanceRecord, RecordTable
 from kpnet.data.sources import (
     load_data,
     load_training,
@@ -794,15 +794,16 @@ def _precise_bn(run: _Run) -> keras.callbacks.Callback | None:
     from kpnet.data.tfrecord import TFRecordSet
 
     t, records = run.recipe.train, run.train_records
-    if not isinstance(records, TFRecordSet):  # a TFRecord set streams: no subset to pick
+    if not isinstance(records, (TFRecordSet, RecordTable)):  # a set streams: no subset to pick
         records = list(records)
     if not t.precise_bn_batches or not records:
         return None
     batches = min(t.precise_bn_batches, math.ceil(len(records) / t.batch_size))
     cap = 4 * batches * t.batch_size  # a large set: a fixed random subset, checked once
     if len(records) > cap and not isinstance(records, TFRecordSet):
-        keep = np.random.default_rng(t.seed).choice(len(records), cap, replace=False)
-        records = [records[i] for i in sorted(keep)]
+        keep = sorted(np.random.default_rng(t.seed).choice(len(records), cap, replace=False))
+        records = (records.take(keep) if isinstance(records, RecordTable)
+                   else [records[i] for i in keep])  # fmt: skip
     config = pipeline_config(run.recipe)
 
     def dataset() -> tf.data.Dataset:
