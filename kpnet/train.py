@@ -884,7 +884,8 @@ def _plot_curves(out: str) -> str | None:
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=key)
         ax.set_xlabel("epoch")
-        ax.legend()
+        if ax.get_lines():  # no validation yet: an empty panel, no legend
+            ax.legend()
         ax.grid(alpha=0.3)
     axes[0].set_title("loss")
     axes[1].set_title("validation pixel error (image px)")
