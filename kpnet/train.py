@@ -41,6 +41,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -720,18 +721,22 @@ def _train_phases(run: _Run, model, train_ds, backup, initial: int) -> None:
         if current != phase:
             configure_phase(model, recipe, run.spec, phase, run.steps_per_epoch, names)
             current = phase
-        model.fit(
-            train_ds,
-            epochs=phase.end,
-            initial_epoch=max(initial, phase.start),
-            steps_per_epoch=run.steps_per_epoch,
-            validation_data=run.validation,
-            validation_steps=recipe.train.validation_steps,
-            validation_freq=recipe.train.validation_every,
-            callbacks=_callbacks(run, phase),
-            verbose=recipe.train.verbose,
-            shuffle=False,  # the pipeline shuffles
-        )
+        with warnings.catch_warnings():
+            # A validation set of unknown length (data.on_error: skip) ends with this Keras
+            # warning; the training set repeats, so it never means training stopped early.
+            warnings.filterwarnings("ignore", message="Your input ran out of data")
+            model.fit(
+                train_ds,
+                epochs=phase.end,
+                initial_epoch=max(initial, phase.start),
+                steps_per_epoch=run.steps_per_epoch,
+                validation_data=run.validation,
+                validation_steps=recipe.train.validation_steps,
+                validation_freq=recipe.train.validation_every,
+                callbacks=_callbacks(run, phase),
+                verbose=recipe.train.verbose,
+                shuffle=False,  # the pipeline shuffles
+            )
         if run.guard.triggered:
             raise _nan_error(run)
 
