@@ -186,6 +186,8 @@ class KeypointMetrics(keras.callbacks.Callback):
         every: evaluate every N epochs (and always on the last epoch).
         last_epoch: index of the final epoch (0-based).
         guard: evaluation is skipped once the guard saw a non-finite loss.
+        report: called with ``(epoch, overall metrics)`` after each evaluation (fit prints
+            one line with the elapsed training time).
     """
 
     def __init__(
@@ -195,6 +197,7 @@ class KeypointMetrics(keras.callbacks.Callback):
         last_epoch: int,
         guard: NaNGuard,
         keys: Sequence[str] = ("mean", "median", "p90", "pck@0.05", "pck@0.1", "AP"),
+        report: Callable[[int, dict[str, Any]], None] | None = None,
     ) -> None:
         super().__init__()
         self.evaluate = evaluate
@@ -202,6 +205,7 @@ class KeypointMetrics(keras.callbacks.Callback):
         self.last_epoch = last_epoch
         self.guard = guard
         self.keys = tuple(keys)
+        self.report = report
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         if logs is None or self.guard.triggered or not _finite(logs):
@@ -211,6 +215,8 @@ class KeypointMetrics(keras.callbacks.Callback):
             overall = {}
         else:
             overall = self.evaluate(self.model)["overall"]
+            if self.report is not None:
+                self.report(epoch, overall)
         for key in self.keys:
             name = key.replace("@", "_")
             log_key = f"val_px_{name}" if key in ("mean", "median", "p90") else f"val_{name}"

@@ -322,6 +322,9 @@ class TrainSection(_Strict):
     steps_per_epoch: int | None = Field(None, ge=1)  # null: one pass; N: N steps (small data)
     validation_steps: int | None = Field(None, ge=1)
     freeze_backbone_epochs: int = Field(0, ge=0)  # skipped when nothing is pretrained
+    # trunk BatchNorm: trainable, or frozen in inference mode (pretrained statistics, as
+    # DeepLabCut does; cheaper steps); auto: frozen when the trunk is pretrained
+    backbone_bn: Literal["auto", "frozen", "trainable"] = "trainable"
     unfreeze_lr_factor: float = Field(1.0, gt=0.0)
     validation_every: int = Field(1, ge=1)
     backup_every_steps: int | None = Field(None, ge=1)  # default: back up every epoch

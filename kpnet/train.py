@@ -255,9 +255,9 @@ def training_phases(recipe: Recipe) -> list[Phase]:
     Only a pretrained trunk is frozen: with ``model.backbone_weights`` and
     ``model.init_from`` both null, ``train.freeze_backbone_epochs`` is skipped (warning).
     """
-    t, m = recipe.train, recipe.model
+    t = recipe.train
     frozen = min(t.freeze_backbone_epochs, t.epochs)
-    if frozen and m.backbone_weights is None and m.init_from is None:
+    if frozen and not pretrained(recipe):
         _log(
             f"train.freeze_backbone_epochs={t.freeze_backbone_epochs} skipped: the backbone "
             "is not pretrained (model.backbone_weights and model.init_from are null), so the "
@@ -269,6 +269,17 @@ def training_phases(recipe: Recipe) -> list[Phase]:
         factor = t.unfreeze_lr_factor if frozen else 1.0
         phases.append(Phase(len(phases), frozen, t.epochs, False, factor))
     return phases
+
+
+def pretrained(recipe: Recipe) -> bool:
+    """True when the trunk starts from weights (``backbone_weights`` or ``init_from``)."""
+    return recipe.model.backbone_weights is not None or recipe.model.init_from is not None
+
+
+def backbone_bn_frozen(recipe: Recipe) -> bool:
+    """Whether the trunk's BatchNorm layers run in inference mode for the whole run."""
+    mode = recipe.train.backbone_bn
+    return mode == "frozen" or (mode == "auto" and pretrained(recipe))
 
 
 def build_model(recipe: Recipe, spec: KeypointSpec, init: bool = True) -> keras.Model:
@@ -357,12 +368,19 @@ def configure_phase(
     steps_per_epoch: int,
     backbone_names: set[str],
 ) -> None:
-    """Freeze / unfreeze the backbone and compile with this phase's optimizer and losses."""
+    """Freeze / unfreeze the backbone and compile with this phase's optimizer and losses.
+
+    With :func:`backbone_bn_frozen`, the trunk's BatchNorm layers stay frozen (inference mode:
+    the pretrained statistics, no update) in every phase.
+    """
     from kpnet.losses import build_losses
 
+    frozen_bn = backbone_bn_frozen(recipe)
     for layer in model.layers:
         if layer.name in backbone_names:
-            layer.trainable = not phase.frozen
+            layer.trainable = not phase.frozen and not (
+                frozen_bn and isinstance(layer, keras.layers.BatchNormalization)
+            )
     t, lo = recipe.train, recipe.loss
     schedule = EpochSchedule(
         _base_lr(recipe) * phase.lr_factor,
@@ -613,6 +631,18 @@ class _Run:
     monitor: str
     guard: NaNGuard
     train_records: Sequence[InstanceRecord] = ()  # for precise BN statistics
+    started: float = 0.0  # time.time() when training began (for the validation lines)
+
+    def report_validation(self, epoch: int, overall: dict[str, Any]) -> None:
+        """One line per validation: the error new frames get, and the training time so far."""
+        parts = [f"{k} {overall[k]:.2f} px" for k in ("mean", "median", "p90")
+                 if overall.get(k) is not None]  # fmt: skip
+        parts += [f"PCK@0.05 {overall['pck@0.05']:.3f}"] if overall.get("pck@0.05") else []
+        parts += [f"AP {overall['AP']:.3f}"] if overall.get("AP") is not None else []
+        _log(
+            f"epoch {epoch + 1}/{self.recipe.train.epochs} validation: {', '.join(parts)} "
+            f"after {time.time() - self.started:.0f} s of training"
+        )
 
 
 def fit(recipe: Recipe, output_dir: str | Path) -> dict[str, Any]:
@@ -675,7 +705,7 @@ def _fit(recipe: Recipe, out: str, strategy: Any) -> dict[str, Any]:
             else ""
         )
     )
-    start = time.time()
+    start = run.started = time.time()
     backup = read_backup(fs.join(out, "backup"))
     initial = backup["epoch"] if backup else 0
     if initial >= t.epochs:
@@ -711,7 +741,8 @@ def _drop_worker_copies(out: str) -> None:
 def _train_phases(run: _Run, model, train_ds, backup, initial: int) -> None:
     recipe = run.recipe
     phases = training_phases(recipe)
-    names = backbone_layer_names(recipe) if any(p.frozen for p in phases) else set()
+    freeze = any(p.frozen for p in phases) or backbone_bn_frozen(recipe)
+    names = backbone_layer_names(recipe) if freeze else set()
     current = None
     if backup:
         current = _restore(model, run, phases, backup, names)
@@ -771,7 +802,8 @@ def _callbacks(run: _Run, phase: Phase) -> list[keras.callbacks.Callback]:
     if precise_bn is not None:  # before val_loss, metrics and checkpoints of each epoch
         cbs.append(precise_bn)
     if run.evaluate is not None:
-        cbs.append(KeypointMetrics(run.evaluate, t.validation_every, t.epochs - 1, run.guard))
+        cbs.append(KeypointMetrics(run.evaluate, t.validation_every, t.epochs - 1, run.guard,
+                                   report=run.report_validation))  # fmt: skip
     best = _best_so_far(fs.join(out, "history.csv"), run.monitor)
     cbs += [  # the checkpoints and TensorBoard write URLs through tf.io.gfile themselves
         GuardedCheckpoint(

@@ -319,12 +319,11 @@ def test_tiny_backbone_with_imagenet_weights_is_one_recipe_error(tmp_path):
 
 def test_missing_imagenet_weights_fail_fast_in_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty-keras-home"))
-    monkeypatch.delenv("KPNET_ALLOW_DOWNLOAD", raising=False)
     line = _one_line_error(_fit_cli(["model.backbone=resnet50", "model.backbone_weights=imagenet",
                                      "data.synthetic_pins.cache_dir=/nonexistent/never-made"],
                                     tmp=tmp_path / "r"))  # fmt: skip
-    assert "model.backbone_weights: ImageNet weights for resnet50 are not in the keras" in line
-    assert "model.backbone_weights: /path/to/resnet50_weights_tf_dim_ordering" in line
+    assert "model.backbone_weights: ImageNet weights for resnet50 (resnet50_weights" in line
+    assert "--set model.backbone_weights=/path/to/resnet50_weights_tf_dim_ordering" in line
     assert not Path("/nonexistent/never-made").exists()  # failed before generating any data
     missing = _one_line_error(_fit_cli([f"model.backbone_weights={tmp_path / 'no.weights.h5'}"]))
     assert "model.backbone_weights: file not found" in missing

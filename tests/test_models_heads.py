@@ -133,8 +133,7 @@ def test_bad_head_backbone_and_alpha_are_refused():
 ])  # fmt: skip
 def test_light_trunk_imagenet_offline_fails_fast(tmp_path, monkeypatch, backbone, alpha, file):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
-    monkeypatch.delenv("KPNET_ALLOW_DOWNLOAD", raising=False)
-    with pytest.raises(BackboneWeightsError, match=f"model.backbone_weights: /path/to/{file}"):
+    with pytest.raises(BackboneWeightsError, match=f"--set model.backbone_weights=/path/to/{file}"):
         build_heatmap_model(3, SMALL, backbone, "simple_baseline", "imagenet", alpha=alpha)
     assert imagenet_cache_path(backbone, alpha).name == file
     with pytest.raises(BackboneWeightsError, match="no ImageNet weights"):

