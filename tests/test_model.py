@@ -105,7 +105,7 @@ def test_keras_file_round_trip_safe_mode(tmp_path):
 def test_imagenet_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     start = time.perf_counter()
-    with pytest.raises(BackboneWeightsError, match="--set model.backbone_weights=/path/to/resnet50"):
+    with pytest.raises(BackboneWeightsError, match="backbone_weights=/path/to/resnet50_"):
         build_cpn(17, backbone="resnet50", backbone_weights="imagenet")
     assert time.perf_counter() - start < 2.0  # nothing built, nothing downloaded
 
