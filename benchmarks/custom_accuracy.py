@@ -37,6 +37,7 @@ VARIANTS: dict[str, list[str]] = {
     "bn_trainable_no_precise": ["train.backbone_bn=trainable", "train.precise_bn_batches=0"],
     # freezing the whole trunk first
     "freeze_5_epochs": ["train.freeze_backbone_epochs=5"],
+    "frozen_trunk": ["train.freeze_backbone_epochs=1000"],  # only the head trains
     # learning rate and schedule
     "lr_5e-4": ["train.lr=5.0e-4"],
     "lr_2e-3": ["train.lr=2.0e-3"],
@@ -44,6 +45,9 @@ VARIANTS: dict[str, list[str]] = {
     # input size (H, W)
     "input_256x320": ["model.input_size=[256,320]"],
     "input_384x448": ["model.input_size=[384,448]"],
+    "input_512x576": ["model.input_size=[512,576]"],
+    # whole frame to find, a crop at up to the frame's resolution to refine
+    "two_stage": ["data.mode=two_stage"],
     # head
     "head_cpn": ["model.head=cpn"],
     "head_simple_baseline": ["model.head=simple_baseline"],
@@ -51,8 +55,8 @@ VARIANTS: dict[str, list[str]] = {
     "lite2": ["model.backbone=efficientnet_lite2"],
     "scratch": ["model.backbone_weights=null"],
     # budget
-    "half_steps": ["train.epochs=20"],
-    "double_steps": ["train.epochs=80"],
+    "half_steps": ["train.epochs=10"],
+    "double_steps": ["train.epochs=40"],
     # kpnet's DLC recipe before pretrained trunks (ResNet-50 CPN from scratch is ~20 s a
     # step here: the small `tiny` trunk, as its README row did)
     "old_tiny_scratch": [

@@ -26,7 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 COCO, DLC = DATA / "coco_mini", DATA / "dlc_reaching"
 TINY = [
-    "model.backbone=tiny", "model.backbone_weights=null", "model.input_size=[64,64]",
+    "model.backbone=tiny", "model.head=cpn", "model.backbone_weights=null",
+    "model.input_size=[64,64]", "train.backbone_bn=trainable",
     "model.pyramid_channels=16", "train.verbose=0", "train.distribute=one_device",
     "evaluation.flip_test=false", "export.keypoints_model=false", "export.saved_model=false",
 ]  # fmt: skip
