@@ -85,7 +85,10 @@ def run_variant(name: str, extra: list[str], work: Path) -> dict:
                      for f in files])  # fmt: skip
     truth = np.stack([r.keypoints for r in val])
     labelled = truth[..., 2] > 0
-    err = np.linalg.norm(pred - truth[..., :2], axis=-1)[labelled]
+    errors = np.linalg.norm(pred - truth[..., :2], axis=-1)
+    err = errors[labelled]
+    per_part = {name: round(float(errors[labelled[:, k], k].mean()), 2)
+                for k, name in enumerate(spec.names) if labelled[:, k].any()}  # fmt: skip
     train_kp = np.stack([r.keypoints for r in train])
     mean_pos = np.array([train_kp[train_kp[:, k, 2] > 0, k, :2].mean(0)
                          for k in range(spec.num_keypoints)])  # fmt: skip
@@ -100,6 +103,7 @@ def run_variant(name: str, extra: list[str], work: Path) -> dict:
         "within_5px": round(float((err <= 5).mean()), 3),
         "constant_floor_mean_px": round(float(floor.mean()), 2),
         "mean_vs_floor": round(float(err.mean() / floor.mean()), 3),
+        "per_part_mean_px": per_part,
         "train_seconds": round(seconds, 1),
         "cores": os.cpu_count(),
         "train_frames": len(train),

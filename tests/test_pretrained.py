@@ -238,6 +238,26 @@ def test_lite_retargets_and_keeps_the_imagenet_trunk():
                                   model.get_layer("lite0_block9_dw_conv").get_weights()[0])
 
 
+
+@needs("efficientnet_lite0")
+def test_lite_trunk_runs_both_stages_of_a_two_stage_model():
+    """A two-stage keypoints model on the ImageNet Lite0 + FPN: the whole frame, then a crop
+    around what it found, as predict, evaluate and the SavedModel run it."""
+    from kpnet.codec import Codec
+    from kpnet.inference import build_keypoints_model
+    from kpnet.runner import Predictor
+    from kpnet.spec import KeypointSpec
+
+    spec = KeypointSpec(names=("snout", "tail"))
+    heatmaps = build_heatmap_model(2, (64, 96, 3), "efficientnet_lite0", "fpn", "imagenet",
+                                   head_channels=16)  # fmt: skip
+    model = build_keypoints_model(heatmaps, spec, Codec((64, 96), mode="two_stage"))
+    frame = np.random.default_rng(0).integers(0, 255, (300, 400, 3), dtype=np.uint8)
+    keypoints, scores = Predictor(model).predict(frame)
+    assert keypoints.shape == (1, 2, 2) and scores.shape == (1, 2)
+    assert np.isfinite(keypoints).all() and np.isfinite(scores).all()
+    assert (keypoints >= 0).all() and (keypoints <= [399, 299]).all()
+
 # --------------------------------------------------------------------------- keras.applications
 def test_keras_imagenet_download_offline_is_one_line(tmp_path, monkeypatch):
     """Without KPNET_OFFLINE, Keras tries its download; a machine without network gets one
