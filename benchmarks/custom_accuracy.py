@@ -4,7 +4,8 @@ Usage:
     python benchmarks/custom_accuracy.py [--variant shipped ...] [--set KEY=VALUE ...]
 
 On ../shared/data/dlc_reaching (a DeepLabCut project: 55 labelled frames, 5 body parts,
-some unlabelled) the last 10 frames in file order are held out (``data.dlc.val_last=10``).
+some unlabelled) the last 10 frames in file order are held out (``data.dlc.val_last=10``;
+``--split random``: 20 % of the frames drawn at random instead).
 ``recipes/dlc-project.yaml`` is trained **as shipped** with ``kpnet fit`` (an ImageNet
 EfficientNet-Lite0 from its PyPI package, nothing downloaded); then the held-out frames are
 predicted as a user predicts new frames, with ``kpnet predict`` on the image files (no labels,
@@ -29,7 +30,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT = ROOT.parent / "shared" / "data" / "dlc_reaching"
 HOLD_OUT = 10
-BASE = [f"data.dlc.project={PROJECT}", f"data.dlc.val_last={HOLD_OUT}", "train.verbose=0"]
+BASE = [f"data.dlc.project={PROJECT}", "train.verbose=0"]
+#: which frames are held out: the last 10 in file order (later in the video than every
+#: training frame), or 20 % drawn at random (seed 0) from the whole video
+SPLITS: dict[str, list[str]] = {
+    "last": [f"data.dlc.val_last={HOLD_OUT}"],
+    "random": ["data.dlc.val_last=0", "data.dlc.val_fraction=0.2", "data.dlc.split_seed=0"],
+}
 VARIANTS: dict[str, list[str]] = {
     "shipped": [],
     # trunk BatchNorm
@@ -69,12 +76,13 @@ __doc__ += "".join(f"\n* ``{k}``: {' '.join(v) or 'the recipe as shipped'}"
                    for k, v in VARIANTS.items())  # fmt: skip
 
 
-def run_variant(name: str, extra: list[str], work: Path) -> dict:
+def run_variant(name: str, extra: list[str], work: Path, split: str = "last") -> dict:
     from kpnet.predict import predict_inputs
     from kpnet.recipe import load_recipe
     from kpnet.train import fit, load_data
 
-    recipe = load_recipe(ROOT / "recipes" / "dlc-project.yaml", [*BASE, *VARIANTS[name], *extra])
+    overrides = [*BASE, *SPLITS[split], *VARIANTS[name], *extra]
+    recipe = load_recipe(ROOT / "recipes" / "dlc-project.yaml", overrides)
     spec, train, val = load_data(recipe)
     seconds = fit(recipe, work / name)["seconds"]  # training only: no data loading or export
     files = [r.image_path for r in val]
@@ -95,6 +103,7 @@ def run_variant(name: str, extra: list[str], work: Path) -> dict:
     floor = np.linalg.norm(mean_pos[None] - truth[..., :2], axis=-1)[labelled]
     return {
         "variant": name,
+        "split": split,
         "held_out_frames": len(files),
         "labelled_points": int(labelled.sum()),
         "mean_px": round(float(err.mean()), 2),
@@ -116,13 +125,15 @@ def main() -> None:
     parser.add_argument("--variant", action="append", choices=list(VARIANTS))
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="extra recipe override for every variant")  # fmt: skip
+    parser.add_argument("--split", choices=list(SPLITS), default="last",
+                        help="the last 10 frames (default) or 20%% at random")  # fmt: skip
     parser.add_argument("--out", type=Path, help="keep the runs here (default: a temp dir)")
     args = parser.parse_args()
     if not PROJECT.is_dir():
         raise SystemExit(f"{PROJECT}: the dlc_reaching project is not here")
     work = args.out or Path(tempfile.mkdtemp(prefix="kpnet-custom-"))
     for name in args.variant or ["shipped"]:
-        print(json.dumps(run_variant(name, args.overrides, work)), flush=True)
+        print(json.dumps(run_variant(name, args.overrides, work, args.split)), flush=True)
 
 
 if __name__ == "__main__":
