@@ -202,6 +202,15 @@ class Predictor:
                              np.zeros(len(boxes), np.int32))  # fmt: skip
         return _numpy(crops), matrices
 
+    def _crops_stacked(self, images: np.ndarray, boxes: np.ndarray, image_of: np.ndarray):
+        """:meth:`crops` of a stack of same-size images [N, H, W, 3] in one sampler call."""
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        hw = np.tile(np.array(images.shape[1:3], np.float32), (len(boxes), 1))
+        matrices = _numpy(self.codec.crop_matrices(boxes, hw))
+        crops = self._sample(images, matrices, self.codec.input_size,
+                             np.asarray(image_of, np.int32))  # fmt: skip
+        return _numpy(crops), matrices
+
     def predict(
         self, image: np.ndarray, boxes: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -237,13 +246,19 @@ class Predictor:
         image_of = np.repeat(np.arange(len(batch)), counts)
         last: dict[str, np.ndarray] = {}
 
+        same_size = len({image.shape for image in images}) == 1 and images[0].ndim == 3
+
         def locate(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            crops, matrices = [], []
-            for i, image in enumerate(images):
-                c, m = self.crops(image, boxes[image_of == i])
-                crops.append(c)
-                matrices.append(m)
-            last.update(crops=np.concatenate(crops), matrices=np.concatenate(matrices))
+            if same_size and images[0].shape[-1] == 3:  # video frames: one sampler call
+                c, m = self._crops_stacked(np.stack(images), boxes, image_of)
+                last.update(crops=c, matrices=m)
+            else:
+                crops, matrices = [], []
+                for i, image in enumerate(images):
+                    c, m = self.crops(image, boxes[image_of == i])
+                    crops.append(c)
+                    matrices.append(m)
+                last.update(crops=np.concatenate(crops), matrices=np.concatenate(matrices))
             out = self._forward(model, last["crops"])
             last.update(out)
             hw = np.array([images[i].shape[:2] for i in image_of], np.float32).reshape(-1, 2)
