@@ -89,9 +89,9 @@ def predict_inputs(
     "filtered": [paths], "draw": [paths]}``.
     """
     from kpnet.frames import Progress, count_frames, iter_frames, list_inputs, prefetch
-    from kpnet.tracks import FILTERS
     from kpnet.inference import load_model
     from kpnet.runner import Predictor
+    from kpnet.tracks import FILTERS
 
     if filter_method is not None and filter_method not in FILTERS:
         raise ValueError(f"--filter: unknown method {filter_method!r}; use one of "
