@@ -59,7 +59,7 @@ PathLike = str | os.PathLike
 
 
 def predict_inputs(
-    model: PathLike,
+    model: PathLike | Any,
     inputs: Sequence[PathLike],
     output: PathLike = "predictions.json",
     boxes: PathLike | None = None,
@@ -79,7 +79,8 @@ def predict_inputs(
 ) -> dict[str, Any]:
     """Predict every frame of ``inputs`` (image files, folders, videos) with ``model``.
 
-    ``model`` (a ``.keras`` file or a run folder), ``output`` and ``draw`` may be URLs
+    ``model`` (a ``.keras`` file or a run folder, or a loaded keypoints model), ``output``
+    and ``draw`` may be URLs
     (``gs://...``, written through :mod:`kpnet.fs`); the inputs are local files.
 
     ``pcutoff``, ``trail`` and ``skeleton`` style the drawings; ``filter_method`` (``median`` or
@@ -101,7 +102,10 @@ def predict_inputs(
     detections = _detections(boxes, images_json, files, score_threshold) if boxes else None
     ids = _image_ids(files, images_json)
     options = {} if flip_test is None else {"flip_test": bool(flip_test)}
-    keypoints_model = load_model(model, **options)
+    if isinstance(model, (str, os.PathLike)):
+        keypoints_model = load_model(model, **options)
+    else:  # an already loaded keypoints model (benchmarks, notebooks)
+        keypoints_model, model = model, getattr(model, "name", "model")
     predictor = Predictor(keypoints_model)
     if padding is not None:
         predictor.codec = predictor.codec.replace(padding=tuple(padding))
