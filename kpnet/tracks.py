@@ -103,7 +103,7 @@ def _read_h5(path: PathLike) -> Tracks:
     try:
         with fs.local_copy(path) as local:
             frame = pd.read_hdf(local)
-    except (OSError, ValueError, KeyError, TypeError, ImportError) as err:
+    except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as err:
         raise DataError(f"{path}: cannot read this .h5 table ({fs.reason(err)})") from None
     return tracks_from_frame(frame, path)
 

@@ -52,11 +52,11 @@ from kpnet.spec import SpecError
 @click.option("--batch-size", type=int, default=16, show_default=True,
               help="Frames per forward pass (benchmarks/video.py finds the fastest).")  # fmt: skip
 @click.option("--pcutoff", type=click.FloatRange(0.0, 1.0), default=0.6, show_default=True,
-              help="Likelihood below which a point is hidden (--draw) or bridged (--filter).")  # fmt: skip
+              help="Likelihood below which a point is hidden (--draw) or bridged.")  # fmt: skip
 @click.option("--trail", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --draw: each point's path over the last N video frames.")  # fmt: skip
 @click.option("--skeleton/--no-skeleton", default=True, show_default=True,
-              help="With --draw: lines between the spec's skeleton pairs (if it has any).")  # fmt: skip
+              help="With --draw: lines between the skeleton pairs of the spec.")  # fmt: skip
 @click.option("--filter", "filter_method", type=click.Choice(["median", "savgol"]),
               help="Also write <csv stem>_filtered.csv / .h5 (see kpnet filter).")  # fmt: skip
 @click.option("--window", "filter_window", type=int, default=5, show_default=True,
