@@ -342,7 +342,7 @@ def _machine_labels(folder, tracks, rows, num_frames, stem, config) -> list[str]
         except (OSError, ValueError, KeyError, TypeError, RuntimeError):
             pass  # unreadable: replaced by this extraction's guesses
     with fs.staged(h5) as tmp:
-        frame.to_hdf(tmp, key="df_with_missing", format="table", mode="w")
+        frame.to_hdf(tmp, key="df_with_missing", mode="w")  # fixed format, as DLC writes
     csv = folder / "machinelabels.csv"
     fs.write_atomic(csv, frame.to_csv())
     return [str(h5), str(csv)]
