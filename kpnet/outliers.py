@@ -284,6 +284,9 @@ def write_outlier_frames(
         exclude = [i for i, f in enumerate(numbers) if frame_name(int(f), num_frames) in present]
         pick = find_outliers(tracks, n=n, exclude=exclude, **find_options)
     wanted = [int(numbers[i]) for i in pick.frames]
+    if not wanted:  # no frame shows a sign: nothing to write
+        return {"folder": str(folder), "frames": [], "images": [], "machinelabels": [],
+                "config": None, "candidates": pick.candidates}  # fmt: skip
     images, _ = read_video_frames(video, wanted)  # everything read before writing
     height, width = next(iter(images.values())).shape[:2] if images else (0, 0)
     from kpnet.frames import write_image

@@ -80,8 +80,8 @@ def predict_inputs(
     """Predict every frame of ``inputs`` (image files, folders, videos) with ``model``.
 
     ``model`` (a ``.keras`` file or a run folder, or a loaded keypoints model), ``output``
-    and ``draw`` may be URLs
-    (``gs://...``, written through :mod:`kpnet.fs`); the inputs are local files.
+    and ``draw`` may be URLs (``gs://...``, written through :mod:`kpnet.fs`); the inputs are
+    local files.
 
     ``pcutoff``, ``trail`` and ``skeleton`` style the drawings; ``filter_method`` (``median`` or
     ``savgol``, window ``filter_window``) also writes filtered tables.

@@ -146,11 +146,14 @@ def outliers(table, video, project, num_frames, pcutoff, jump, epsilon, seed) ->
     labeled-data/<video stem>/img*.png, machinelabels-iter<N>.h5 / machinelabels.csv (the
     model's guesses) and the video in config.yaml's video_sets."""
     from kpnet.outliers import read_project_config, write_outlier_frames
-    from kpnet.tracks import read_tracks
+    from kpnet.tracks import check_bodyparts, read_tracks
 
     try:
-        read_project_config(project)  # a missing project fails before the table is read
+        _, config = read_project_config(project)  # a missing project fails first
         tracks = read_tracks(table)
+        check_bodyparts(
+            tracks, [str(b) for b in config["bodyparts"]], str(table), f"the project {project}"
+        )
         summary = write_outlier_frames(
             project,
             video,
