@@ -350,3 +350,41 @@ def test_bad_input_gives_one_line_and_writes_nothing(model_file, predicted, tmp_
     res = CliRunner().invoke(main, ["filter", str(predicted["csv"]), "--window", "4"])
     assert "odd" in _one_line_error(res)
     assert not [p for p in tmp_path.rglob(".tmp.*")] and os.path.isdir(tmp_path)
+
+
+# --------------------------------------------------------------------------- helpers
+def test_prefetch_hands_on_the_producers_error_in_order():
+    from kpnet.data.records import DataError
+    from kpnet.frames import prefetch
+
+    def frames():
+        yield from range(3)
+        raise DataError("clip.mp4: the video stops after 3 of the 40 frames")
+
+    got = []
+    with pytest.raises(DataError, match="stops after 3"):
+        for item in prefetch(frames(), size=1):
+            got.append(item)
+    assert got == [0, 1, 2]
+    stream = prefetch(iter(range(1000)), size=2)  # closed early: the thread stops
+    assert next(stream) == 0
+    stream.close()
+
+
+@pytest.mark.parametrize(
+    "video_sets",
+    ["video_sets: {}\n", "video_sets:\n", "video_sets: {/a.mp4: {crop: '0, 4, 0, 3'}}\n", ""],
+)
+def test_add_video_set_keeps_the_rest_of_config_yaml(video_sets):
+    import yaml
+
+    from kpnet.outliers import add_video_set
+
+    text = f"# top comment\nTask: t\n{video_sets}bodyparts:\n- a\niteration: 2\n"
+    new = add_video_set(text, "/data/my clip.mp4", 640, 480)
+    config = yaml.safe_load(new)
+    assert config["video_sets"]["/data/my clip.mp4"] == {"crop": "0, 640, 0, 480"}
+    assert config["bodyparts"] == ["a"] and config["iteration"] == 2 and config["Task"] == "t"
+    if "{/a.mp4" not in video_sets:  # flow style with entries is rewritten as plain YAML
+        assert new.startswith("# top comment\n")
+    assert add_video_set(new, "/data/my clip.mp4", 640, 480) == new  # already there
