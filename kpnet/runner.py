@@ -187,6 +187,7 @@ class Predictor:
         self.codec = codec or codec_of(keypoints_model)
         self.spec = decoder_of(keypoints_model).spec
         self._sample = _sampler()
+        self._matrices: dict[tuple, np.ndarray] = {}
 
     def crops(self, image: np.ndarray, boxes: np.ndarray | None = None):
         """(float32 crops [n, H, W, 3], matrices [n, 2, 3]) of one RGB image's boxes [n, 4]
@@ -206,7 +207,13 @@ class Predictor:
         """:meth:`crops` of a stack of same-size images [N, H, W, 3] in one sampler call."""
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         hw = np.tile(np.array(images.shape[1:3], np.float32), (len(boxes), 1))
-        matrices = _numpy(self.codec.crop_matrices(boxes, hw))
+        key = (self.codec, boxes.tobytes(), hw.tobytes())  # whole frames: the same every batch
+        matrices = self._matrices.get(key)
+        if matrices is None:
+            matrices = _numpy(self.codec.crop_matrices(boxes, hw))
+            if len(self._matrices) > 64:
+                self._matrices.clear()
+            self._matrices[key] = matrices
         crops = self._sample(images, matrices, self.codec.input_size,
                              np.asarray(image_of, np.int32))  # fmt: skip
         return _numpy(crops), matrices
