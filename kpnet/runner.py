@@ -203,8 +203,11 @@ class Predictor:
                              np.zeros(len(boxes), np.int32))  # fmt: skip
         return _numpy(crops), matrices
 
-    def _crops_stacked(self, images: np.ndarray, boxes: np.ndarray, image_of: np.ndarray):
-        """:meth:`crops` of a stack of same-size images [N, H, W, 3] in one sampler call."""
+    def _crops_stacked(
+        self, images: np.ndarray, boxes: np.ndarray, image_of: np.ndarray, as_tensor: bool = False
+    ):
+        """:meth:`crops` of a stack of same-size images [N, H, W, 3] in one sampler call
+        (``as_tensor``: the crops as the sampler's tensor, for the model's next call)."""
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         hw = np.tile(np.array(images.shape[1:3], np.float32), (len(boxes), 1))
         key = (self.codec, boxes.tobytes(), hw.tobytes())  # whole frames: the same every batch
@@ -216,7 +219,7 @@ class Predictor:
             self._matrices[key] = matrices
         crops = self._sample(images, matrices, self.codec.input_size,
                              np.asarray(image_of, np.int32))  # fmt: skip
-        return _numpy(crops), matrices
+        return (crops if as_tensor else _numpy(crops)), matrices
 
     def predict(
         self, image: np.ndarray, boxes: np.ndarray | None = None
@@ -257,8 +260,8 @@ class Predictor:
 
         def locate(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             if same_size and images[0].shape[-1] == 3:  # video frames: one sampler call
-                c, m = self._crops_stacked(np.stack(images), boxes, image_of)
-                last.update(crops=c, matrices=m)
+                c, m = self._crops_stacked(np.stack(images), boxes, image_of, as_tensor=True)
+                last.update(crops=c, matrices=m)  # stays a tensor: no copy to NumPy and back
             else:
                 crops, matrices = [], []
                 for i, image in enumerate(images):
@@ -278,7 +281,8 @@ class Predictor:
             part = slice(start, start + n)
             extra = None
             if keep_crops:
-                extra = {"crops": last["crops"][part], "heatmaps": last["heatmaps"][part]}
+                crops = _numpy(last["crops"][part])
+                extra = {"crops": crops, "heatmaps": last["heatmaps"][part]}
             yield key, xy[part], scores[part], extra
             start += n
 
