@@ -256,10 +256,12 @@ class Predictor:
         image_of = np.repeat(np.arange(len(batch)), counts)
         last: dict[str, np.ndarray] = {}
 
-        same_size = len({image.shape for image in images}) == 1 and images[0].ndim == 3
+        same_size = (  # video frames: one sampler call for the batch
+            len(images) > 1 and len({image.shape for image in images}) == 1 and images[0].ndim == 3
+        )
 
         def locate(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            if same_size and images[0].shape[-1] == 3:  # video frames: one sampler call
+            if same_size and images[0].shape[-1] == 3:
                 c, m = self._crops_stacked(np.stack(images), boxes, image_of, as_tensor=True)
                 last.update(crops=c, matrices=m)  # stays a tensor: no copy to NumPy and back
             else:
