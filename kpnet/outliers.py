@@ -117,7 +117,9 @@ def find_outliers(
                        reasons, int(len(candidates)))  # fmt: skip
 
 
-def _spread(tracks, candidates, score, n, seed, pcutoff) -> np.ndarray:
+def _spread(
+    tracks: Tracks, candidates: np.ndarray, score: np.ndarray, n: int, seed: int, pcutoff: float
+) -> np.ndarray:
     """k-means over (time, pose) of the candidates; the best-scoring one per cluster."""
     from scipy.cluster.vq import kmeans2
 
@@ -321,7 +323,10 @@ def _frame_count(video: Path, rows: int) -> int:
     return max(count, rows, 1)
 
 
-def _machine_labels(folder, tracks, rows, num_frames, stem, config) -> list[str]:
+def _machine_labels(
+    folder: Path, tracks: Tracks, rows: Sequence[int], num_frames: int, stem: str,
+    config: dict[str, Any],
+) -> list[str]:  # fmt: skip
     """Write (merge into) ``machinelabels-iter<iteration>.h5`` and ``machinelabels.csv``."""
     import pandas as pd
 
