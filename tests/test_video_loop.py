@@ -388,3 +388,28 @@ def test_add_video_set_keeps_the_rest_of_config_yaml(video_sets):
     if "{/a.mp4" not in video_sets:  # flow style with entries is rewritten as plain YAML
         assert new.startswith("# top comment\n")
     assert add_video_set(new, "/data/my clip.mp4", 640, 480) == new  # already there
+
+
+@pytest.mark.slow
+def test_fit_trains_on_the_merged_project(predicted, tmp_path):
+    """One tiny epoch of `kpnet fit` on old labels + the outlier frames (h5-only labels)."""
+    from kpnet.recipe import load_recipe
+    from kpnet.train import fit
+
+    project = _tiny_project(tmp_path / "proj")
+    args = ["outliers", str(predicted["csv"]), str(predicted["video"]), "--project",
+            str(project), "-n", "4", "--pcutoff", "0.3"]  # fmt: skip
+    assert CliRunner().invoke(main, args).exit_code == 0
+    folder = project / "labeled-data" / "clip"
+    machine = pd.read_hdf(folder / "machinelabels-iter0.h5")
+    labels = machine.drop(columns="likelihood", level="coords")
+    labels.columns = labels.columns.set_levels(["me"], level="scorer")
+    labels.to_hdf(folder / "CollectedData_me.h5", key="df_with_missing", mode="w")
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "dlc-project.yaml", [
+        f"data.dlc.project={project}", "model.backbone=tiny", "model.backbone_weights=null",
+        "model.input_size=[64,64]", "model.pyramid_channels=16", "train.epochs=1",
+        "train.batch_size=2", "train.steps_per_epoch=2", "data.dlc.val_last=1",
+        "train.validation_every=1", "train.verbose=0"])  # fmt: skip
+    result = fit(recipe, tmp_path / "run")
+    assert (tmp_path / "run" / "best.keras").exists()
+    assert result["metrics"]["num_instances"] == 2  # the last frame of each video folder
