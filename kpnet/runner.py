@@ -262,7 +262,8 @@ class Predictor:
 
         def locate(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             if same_size and images[0].shape[-1] == 3:
-                c, m = self._crops_stacked(np.stack(images), boxes, image_of, as_tensor=True)
+                c, m = self._crops_stacked(np.stack(images), boxes, image_of,
+                                           as_tensor=_tf_backend())  # fmt: skip
                 last.update(crops=c, matrices=m)  # stays a tensor: no copy to NumPy and back
             else:
                 crops, matrices = [], []
@@ -299,6 +300,13 @@ class Predictor:
 
 
 _SAMPLER: list[Any] = []
+
+
+def _tf_backend() -> bool:
+    """True under Keras' TensorFlow backend (a model then takes the sampler's tensor as is)."""
+    import keras
+
+    return keras.backend.backend() == "tensorflow"
 
 
 def _sampler():
