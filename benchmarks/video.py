@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -119,6 +120,14 @@ def main() -> None:
     import tensorflow as tf
 
     work = Path(tempfile.mkdtemp(prefix="kpnet-video-"))
+    try:
+        run(args, work, tf.__version__)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the videos and tables written
+
+
+def run(args: argparse.Namespace, work: Path, tf_version: str) -> None:
+    """Write the video, time every model, print the JSON."""
     video = work / "reaching_640x480.mp4"
     sources = write_video(video, args.data, args.frames)
     results: dict[str, Any] = {
@@ -131,7 +140,7 @@ def main() -> None:
         "cores": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "machine": platform.processor() or platform.machine(),
-        "tensorflow": tf.__version__,
+        "tensorflow": tf_version,
         "models": {},
     }
     for name in args.models:
