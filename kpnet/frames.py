@@ -61,6 +61,13 @@ _FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv
 
 T = TypeVar("T")
 
+#: A video decoding to fewer than (1 - this) x the frames its header announces (and at
+#: least 2 fewer) is reported as truncated: container frame counts are estimates for some
+#: formats, so a frame or two missing is tolerated.
+TRUNCATION_TOLERANCE = 0.01
+#: Frames decoded ahead of the model by :func:`prefetch` (bounded: never a whole video).
+PREFETCH_FRAMES = 32
+
 
 @dataclass(frozen=True)
 class Frame:
@@ -262,6 +269,7 @@ def _video_frames(path: Path, item: Path) -> Iterator[Frame]:
     try:
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         fps = fps if math.isfinite(fps) and fps > 0 else 30.0
+        announced = float(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0.0)
         index = 0
         while True:
             ok, bgr = cap.read()
@@ -274,6 +282,11 @@ def _video_frames(path: Path, item: Path) -> Iterator[Frame]:
         cap.release()
     if index == 0:
         raise DataError(f"{path}: the video has no frames OpenCV can decode")
+    if math.isfinite(announced) and index < announced - max(2.0, TRUNCATION_TOLERANCE * announced):
+        raise DataError(
+            f"{path}: the video stops after {index} of the {int(announced)} frames its header "
+            "announces (truncated or corrupt); re-encode or re-copy it"
+        )
 
 
 def count_frames(inputs: Sequence[PathLike]) -> int | None:
@@ -300,6 +313,61 @@ def count_frames(inputs: Sequence[PathLike]) -> int | None:
                 return None
             total += int(n)
     return total
+
+
+def prefetch(items: Iterable[T], size: int = PREFETCH_FRAMES) -> Iterator[T]:
+    """Yield ``items`` as they are produced by a background thread, at most ``size`` ahead.
+
+    Video decoding (OpenCV releases the GIL) then overlaps the model's forward pass; memory
+    stays bounded by ``size`` frames. An error raised by the producer is raised here, in
+    order; closing the generator early stops the thread.
+
+    Example:
+        >>> list(prefetch(iter(range(5)), size=2))
+        [0, 1, 2, 3, 4]
+    """
+    import queue
+    import threading
+
+    buffer: queue.Queue = queue.Queue(maxsize=max(1, size))
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    close = getattr(items, "close", None)
+                    if close is not None:
+                        close()  # releases an open video
+                    return
+            buffer.put((done, None))
+        except BaseException as err:  # handed to the consumer
+            buffer.put((done, err))
+
+    thread = threading.Thread(target=produce, name="kpnet-decode", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = buffer.get()
+            if item is done:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                buffer.get_nowait()
+            except queue.Empty:
+                thread.join(0.05)
 
 
 # --------------------------------------------------------------------------- writing

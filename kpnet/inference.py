@@ -374,10 +374,12 @@ def draw_keypoints(
     names: bool = False,
     radius: int = 3,
     thickness: int = 2,
+    skeleton: bool = True,
 ) -> np.ndarray:
     """Draw one instance's keypoints [K, 2] and skeleton on a copy of an RGB uint8 image.
 
-    Keypoints scoring below ``threshold`` (and limbs touching them) are skipped.
+    Keypoints scoring below ``threshold`` (and limbs touching them) are skipped;
+    ``skeleton=False`` draws the points only.
 
     Example:
         >>> img = np.zeros((32, 32, 3), np.uint8)
@@ -397,7 +399,7 @@ def draw_keypoints(
     colors = _palette(spec.num_keypoints)
     ok = np.isfinite(kp).all(-1) & (sc >= threshold)
     pts = [(int(round(x)), int(round(y))) for x, y in np.nan_to_num(kp)]
-    for i, j in spec.skeleton:
+    for i, j in spec.skeleton if skeleton else ():
         if ok[i] and ok[j]:
             cv2.line(out, pts[i], pts[j], colors[i], thickness, cv2.LINE_AA)
     for k in np.flatnonzero(ok):
@@ -405,6 +407,32 @@ def draw_keypoints(
         if names:
             org = (pts[k][0] + radius + 1, pts[k][1])
             cv2.putText(out, spec.names[k], org, cv2.FONT_HERSHEY_SIMPLEX, 0.35, colors[k], 1)
+    return out
+
+
+def draw_trails(
+    image: np.ndarray, history: np.ndarray, valid: np.ndarray, thickness: int = 1
+) -> np.ndarray:
+    """Draw each keypoint's recent path on an RGB uint8 image (in place; returned).
+
+    ``history`` [T, K, 2] holds the last T positions (oldest first), ``valid`` [T, K] which
+    of them to connect (confident ones); colours are :func:`draw_keypoints`' own.
+
+    Example:
+        >>> img = np.zeros((20, 20, 3), np.uint8)
+        >>> pts = np.array([[[2.0, 2.0]], [[15.0, 2.0]]])
+        >>> bool(draw_trails(img, pts, np.ones((2, 1), bool))[2, 8].any())
+        True
+    """
+    out = np.ascontiguousarray(image, dtype=np.uint8)
+    hist = np.asarray(history, np.float64)
+    colors = _palette(hist.shape[1])
+    for k in range(hist.shape[1]):
+        for t in range(1, hist.shape[0]):
+            a, b = hist[t - 1, k], hist[t, k]
+            if valid[t - 1, k] and valid[t, k] and np.isfinite(a).all() and np.isfinite(b).all():
+                p, q = (int(round(a[0])), int(round(a[1]))), (int(round(b[0])), int(round(b[1])))
+                cv2.line(out, p, q, colors[k], thickness, cv2.LINE_AA)
     return out
 
 

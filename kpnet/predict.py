@@ -19,8 +19,16 @@ Outputs:
 * without ``--boxes`` (one instance per frame): a DeepLabCut CSV per input (a video, a
   folder, an image): three header rows (scorer / bodyparts / coords) and one row per frame
   with x, y, likelihood per body part (``<json stem>.csv``, ``<json stem>_<input>.csv``
-  for several inputs);
-* ``--draw DIR``: labelled images, and ``<video stem>_labelled.mp4`` for a video.
+  for several inputs), and its DeepLabCut ``.h5`` twin (key ``df_with_missing``);
+* ``filter_method`` (``--filter median|savgol``): also ``<csv stem>_filtered.csv`` / ``.h5``
+  (:func:`kpnet.tracks.filter_tracks`);
+* ``--draw DIR``: labelled images, and ``<video stem>_labelled.mp4`` for a video (points
+  below ``pcutoff`` hidden; ``trail`` frames of each point's path; skeleton lines).
+
+Videos stream: a background thread decodes frames (:func:`kpnet.frames.prefetch`, a bounded
+queue) while the model runs on batches of ``batch_size`` frames; a progress line shows
+frames per second. Nothing is written until every frame is done (a truncated video fails
+in one line, leaving no half file: tables are written under a temporary name and renamed).
 
 Scores ("likelihood") are the heatmap peak clipped to 0..1 (see
 :class:`kpnet.inference.KeypointDecoder`); keypoints are clipped to the image.
@@ -51,7 +59,7 @@ PathLike = str | os.PathLike
 
 
 def predict_inputs(
-    model: PathLike,
+    model: PathLike | Any,
     inputs: Sequence[PathLike],
     output: PathLike = "predictions.json",
     boxes: PathLike | None = None,
@@ -63,36 +71,61 @@ def predict_inputs(
     padding: Sequence[float] | None = None,
     category_id: int = 1,
     batch_size: int = 16,
+    pcutoff: float = 0.6,
+    trail: int = 0,
+    skeleton: bool = True,
+    filter_method: str | None = None,
+    filter_window: int = 5,
 ) -> dict[str, Any]:
     """Predict every frame of ``inputs`` (image files, folders, videos) with ``model``.
 
-    ``model`` (a ``.keras`` file or a run folder), ``output`` and ``draw`` may be URLs
-    (``gs://...``, written through :mod:`kpnet.fs`); the inputs are local files.
+    ``model`` (a ``.keras`` file or a run folder, or a loaded keypoints model), ``output``
+    and ``draw`` may be URLs (``gs://...``, written through :mod:`kpnet.fs`); the inputs are
+    local files.
 
-    Returns ``{"predictions", "frames", "json", "csv": [paths], "draw": [paths]}``.
+    ``pcutoff``, ``trail`` and ``skeleton`` style the drawings; ``filter_method`` (``median`` or
+    ``savgol``, window ``filter_window``) also writes filtered tables.
+
+    Returns ``{"predictions", "frames", "json", "csv": [paths], "h5": [paths],
+    "filtered": [paths], "draw": [paths]}``.
     """
-    from kpnet.frames import Progress, count_frames, iter_frames, list_inputs
+    from kpnet.frames import Progress, count_frames, iter_frames, list_inputs, prefetch
     from kpnet.inference import load_model
     from kpnet.runner import Predictor
+    from kpnet.tracks import FILTERS
 
+    if filter_method is not None and filter_method not in FILTERS:
+        raise ValueError(f"--filter: unknown method {filter_method!r}; use one of "
+                         f"{', '.join(FILTERS)}")  # fmt: skip
     listed = list_inputs(inputs)  # every input checked before the model loads
     files = [f for _, group in listed for f in group]
     detections = _detections(boxes, images_json, files, score_threshold) if boxes else None
     ids = _image_ids(files, images_json)
     options = {} if flip_test is None else {"flip_test": bool(flip_test)}
-    keypoints_model = load_model(model, **options)
+    if isinstance(model, (str, os.PathLike)):
+        keypoints_model = load_model(model, **options)
+    else:  # an already loaded keypoints model (benchmarks, notebooks)
+        keypoints_model, model = model, getattr(model, "name", "model")
     predictor = Predictor(keypoints_model)
     if padding is not None:
         predictor.codec = predictor.codec.replace(padding=tuple(padding))
     out = _Outputs(output, predictor.spec, model, draw, heatmaps, len(listed))
+    out.style = {"pcutoff": float(pcutoff), "trail": int(trail), "skeleton": bool(skeleton)}
+    if filter_method:
+        out.filter = (filter_method, int(filter_window), float(pcutoff))
     total = count_frames(inputs)
-    with Progress(total, "predict") as bar:
-        items = _items(iter_frames(inputs), detections)
-        for frame, xy, scores, extra in predictor.run(items, batch_size, keep_crops=heatmaps):
-            dets = detections.get(frame.source.name, []) if detections is not None else None
-            out.add(frame, xy, scores, dets, ids.get(frame.source, frame.index), category_id,
-                    extra)  # fmt: skip
-            bar.update()
+    try:
+        with Progress(total, "predict") as bar:
+            items = _items(prefetch(iter_frames(inputs)), detections)
+            for frame, xy, scores, extra in predictor.run(items, batch_size,
+                                                          keep_crops=heatmaps):  # fmt: skip
+                dets = detections.get(frame.source.name, []) if detections is not None else None
+                out.add(frame, xy, scores, dets, ids.get(frame.source, frame.index),
+                        category_id, extra)  # fmt: skip
+                bar.update()
+    except BaseException:
+        out.abort()
+        raise
     return out.finish()
 
 
@@ -214,6 +247,9 @@ class _Outputs:
         self.drawn: list[str] = []
         self.frames = 0
         self.num_inputs = num_inputs
+        self.style: dict[str, Any] = {"pcutoff": 0.6, "trail": 0, "skeleton": True}
+        self.filter: tuple[str, int, float] | None = None
+        self.trails: dict[Path, Any] = {}
 
     def add(self, frame, xy, scores, dets, image_id, category_id, extra) -> None:
         self.frames += 1
@@ -232,8 +268,12 @@ class _Outputs:
         from kpnet.inference import draw_keypoints, heatmap_overlay
 
         canvas = frame.image
+        style = self.style
+        if style["trail"] > 0 and frame.is_video and len(xy) == 1:
+            canvas = self._trail(frame.source, xy[0], scores[0], frame.image)
         for kp, sc in zip(xy, scores, strict=True):
-            canvas = draw_keypoints(canvas, kp, sc, self.spec)
+            canvas = draw_keypoints(canvas, kp, sc, self.spec, threshold=style["pcutoff"],
+                                    skeleton=style["skeleton"])  # fmt: skip
         if frame.is_video:
             writer = self.videos.get(frame.source)
             if writer is None:
@@ -249,24 +289,51 @@ class _Outputs:
                 name = fs.child(self.draw, f"{frame.source.stem}_heatmap{n}.jpg")
                 write_image(name, heatmap_overlay(crop, hm))
 
+    def _trail(self, source: Path, xy: np.ndarray, scores: np.ndarray, image: np.ndarray):
+        """The frame with the last ``trail`` positions of each point drawn as lines."""
+        from collections import deque
+
+        from kpnet.inference import draw_trails
+
+        history = self.trails.get(source)
+        if history is None:
+            history = self.trails[source] = deque(maxlen=self.style["trail"] + 1)
+        history.append((np.asarray(xy, np.float64), np.asarray(scores) >= self.style["pcutoff"]))
+        points = np.stack([p for p, _ in history])
+        valid = np.stack([v for _, v in history])
+        return draw_trails(np.array(image, np.uint8, copy=True), points, valid)
+
+    def abort(self) -> None:
+        """Drop the labelled videos being written (nothing half is left behind)."""
+        for writer in self.videos.values():
+            writer.close(keep=False)
+        self.videos.clear()
+
     def finish(self) -> dict[str, Any]:
-        from kpnet.data.dlc_output import write_dlc_csv
+        from kpnet.tracks import Tracks, filter_tracks, filtered_path, write_tracks
 
         for writer in self.videos.values():
             writer.close()
             self.drawn.append(str(writer.path))
         fs.write_atomic(self.output, json.dumps(self.results))
-        csvs = []
+        csvs, h5s, filtered = [], [], []
         stem = os.path.splitext(fs.basename(self.output))[0]
         for source, rows in self.tables.items():
             suffix = f"_{Path(source).stem}" if len(self.tables) > 1 else ""
             path = fs.child(fs.parent(self.output), f"{stem}{suffix}.csv")
             keys, xy, scores = zip(*rows, strict=True)
-            write_dlc_csv(path, self.scorer, self.spec.names, list(keys), np.stack(xy),
-                          np.stack(scores))  # fmt: skip
-            csvs.append(str(path))
+            tracks = Tracks(self.scorer, tuple(self.spec.names), tuple(keys), np.stack(xy),
+                            np.stack(scores))  # fmt: skip
+            written = write_tracks(path, tracks)
+            csvs.append(str(written[0]))
+            h5s += [str(p) for p in written[1:]]
+            if self.filter is not None:
+                method, window, pcutoff = self.filter
+                smooth = filter_tracks(tracks, method, window=window, pcutoff=pcutoff)
+                filtered += [str(p) for p in write_tracks(filtered_path(path), smooth)]
         return {"predictions": len(self.results), "frames": self.frames,
-                "json": str(self.output), "csv": csvs, "draw": self.drawn}  # fmt: skip
+                "json": str(self.output), "csv": csvs, "h5": h5s, "filtered": filtered,
+                "draw": self.drawn}  # fmt: skip
 
 
 def _model_name(model: PathLike) -> str:

@@ -187,6 +187,7 @@ class Predictor:
         self.codec = codec or codec_of(keypoints_model)
         self.spec = decoder_of(keypoints_model).spec
         self._sample = _sampler()
+        self._matrices: dict[tuple, np.ndarray] = {}
 
     def crops(self, image: np.ndarray, boxes: np.ndarray | None = None):
         """(float32 crops [n, H, W, 3], matrices [n, 2, 3]) of one RGB image's boxes [n, 4]
@@ -201,6 +202,24 @@ class Predictor:
         crops = self._sample(image[None], matrices, self.codec.input_size,
                              np.zeros(len(boxes), np.int32))  # fmt: skip
         return _numpy(crops), matrices
+
+    def _crops_stacked(
+        self, images: np.ndarray, boxes: np.ndarray, image_of: np.ndarray, as_tensor: bool = False
+    ):
+        """:meth:`crops` of a stack of same-size images [N, H, W, 3] in one sampler call
+        (``as_tensor``: the crops as the sampler's tensor, for the model's next call)."""
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        hw = np.tile(np.array(images.shape[1:3], np.float32), (len(boxes), 1))
+        key = (self.codec, boxes.tobytes(), hw.tobytes())  # whole frames: the same every batch
+        matrices = self._matrices.get(key)
+        if matrices is None:
+            matrices = _numpy(self.codec.crop_matrices(boxes, hw))
+            if len(self._matrices) > 64:
+                self._matrices.clear()
+            self._matrices[key] = matrices
+        crops = self._sample(images, matrices, self.codec.input_size,
+                             np.asarray(image_of, np.int32))  # fmt: skip
+        return (crops if as_tensor else _numpy(crops)), matrices
 
     def predict(
         self, image: np.ndarray, boxes: np.ndarray | None = None
@@ -237,13 +256,22 @@ class Predictor:
         image_of = np.repeat(np.arange(len(batch)), counts)
         last: dict[str, np.ndarray] = {}
 
+        same_size = (  # video frames: one sampler call for the batch
+            len(images) > 1 and len({image.shape for image in images}) == 1 and images[0].ndim == 3
+        )
+
         def locate(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            crops, matrices = [], []
-            for i, image in enumerate(images):
-                c, m = self.crops(image, boxes[image_of == i])
-                crops.append(c)
-                matrices.append(m)
-            last.update(crops=np.concatenate(crops), matrices=np.concatenate(matrices))
+            if same_size and images[0].shape[-1] == 3:
+                c, m = self._crops_stacked(np.stack(images), boxes, image_of,
+                                           as_tensor=_tf_backend())  # fmt: skip
+                last.update(crops=c, matrices=m)  # stays a tensor: no copy to NumPy and back
+            else:
+                crops, matrices = [], []
+                for i, image in enumerate(images):
+                    c, m = self.crops(image, boxes[image_of == i])
+                    crops.append(c)
+                    matrices.append(m)
+                last.update(crops=np.concatenate(crops), matrices=np.concatenate(matrices))
             out = self._forward(model, last["crops"])
             last.update(out)
             hw = np.array([images[i].shape[:2] for i in image_of], np.float32).reshape(-1, 2)
@@ -256,7 +284,8 @@ class Predictor:
             part = slice(start, start + n)
             extra = None
             if keep_crops:
-                extra = {"crops": last["crops"][part], "heatmaps": last["heatmaps"][part]}
+                crops = _numpy(last["crops"][part])
+                extra = {"crops": crops, "heatmaps": last["heatmaps"][part]}
             yield key, xy[part], scores[part], extra
             start += n
 
@@ -271,6 +300,13 @@ class Predictor:
 
 
 _SAMPLER: list[Any] = []
+
+
+def _tf_backend() -> bool:
+    """True under Keras' TensorFlow backend (a model then takes the sampler's tensor as is)."""
+    import keras
+
+    return keras.backend.backend() == "tensorflow"
 
 
 def _sampler():

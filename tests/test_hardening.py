@@ -69,7 +69,10 @@ def _set_dotted(recipe: dict, key: str, value) -> dict:
 
 # --------------------------------------------------------------------------- the CLI itself
 def test_every_command_is_registered_and_a_broken_one_fails_loudly(monkeypatch):
-    assert {"data", "fit", "evaluate", "predict", "export"} <= set(main.commands)
+    names = {"data", "fit", "evaluate", "predict", "export", "filter", "plot", "outliers"}
+    assert names <= set(main.list_commands(None))
+    kpnet.cli._register()
+    assert names <= set(main.commands)
     monkeypatch.setitem(sys.modules, "kpnet.cli.export", None)  # as if it failed to import
     with pytest.raises(ImportError, match="kpnet.cli.export"):
         kpnet.cli._register()

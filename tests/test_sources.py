@@ -243,7 +243,7 @@ def test_dlc_refuses_unsupported_layouts(tmp_path):
     with pytest.raises(DataError, match="multi-animal"):
         load_dlc_records(project)
     csv_path.rename(csv_path.with_suffix(".h5"))
-    with pytest.raises(DataError, match="only CollectedData_\\*.h5 found"):
+    with pytest.raises(DataError, match="CollectedData_me.h5: cannot read this .h5 label"):
         load_dlc_records(project)
     with pytest.raises(DataError, match="config.yaml: not found"):
         load_dlc_records(tmp_path)

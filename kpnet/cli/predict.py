@@ -2,6 +2,8 @@
 
 Example:
     $ kpnet predict runs/mouse clip.mp4 -o out/predictions.json --draw out/draw
+    $ kpnet predict runs/mouse clip.mp4 -o out/clip.json --filter median --draw out \\
+          --pcutoff 0.6 --trail 10
     $ kpnet predict runs/coco val2017/ --boxes detections.json --score-threshold 0.5 \\
           --images-json person_keypoints_val2017.json -o results.json
 
@@ -47,9 +49,21 @@ from kpnet.spec import SpecError
               help="Box extension (x, y) of the crops (default: the model's codec).")
 @click.option("--category-id", type=int, default=1, show_default=True,
               help="category_id of whole-frame results.")  # fmt: skip
-@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True,
+              help="Frames per forward pass (benchmarks/video.py finds the fastest).")  # fmt: skip
+@click.option("--pcutoff", type=click.FloatRange(0.0, 1.0), default=0.6, show_default=True,
+              help="Likelihood below which a point is hidden (--draw) or bridged.")  # fmt: skip
+@click.option("--trail", type=click.IntRange(min=0), default=0, show_default=True,
+              help="With --draw: each point's path over the last N video frames.")  # fmt: skip
+@click.option("--skeleton/--no-skeleton", default=True, show_default=True,
+              help="With --draw: lines between the skeleton pairs of the spec.")  # fmt: skip
+@click.option("--filter", "filter_method", type=click.Choice(["median", "savgol"]),
+              help="Also write <csv stem>_filtered.csv / .h5 (see kpnet filter).")  # fmt: skip
+@click.option("--window", "filter_window", type=int, default=5, show_default=True,
+              help="With --filter: the filter's window in frames (odd).")  # fmt: skip
 def predict(model, inputs, boxes, score_threshold, images_json, output, draw, heatmaps,
-            flip_test, padding, category_id, batch_size) -> None:  # fmt: skip
+            flip_test, padding, category_id, batch_size, pcutoff, trail, skeleton,
+            filter_method, filter_window) -> None:  # fmt: skip
     """Predict keypoints of INPUTS (image files, folders, videos) with MODEL (a .keras file
     or a run folder, local or a URL)."""
     from kpnet.predict import predict_inputs
@@ -58,7 +72,9 @@ def predict(model, inputs, boxes, score_threshold, images_json, output, draw, he
         summary = predict_inputs(
             model, inputs, output, boxes=boxes, images_json=images_json,
             score_threshold=score_threshold, draw=draw, heatmaps=heatmaps, flip_test=flip_test,
-            padding=padding, category_id=category_id, batch_size=batch_size,
+            padding=padding, category_id=category_id, batch_size=batch_size, pcutoff=pcutoff,
+            trail=trail, skeleton=skeleton, filter_method=filter_method,
+            filter_window=filter_window,
         )  # fmt: skip
     except (DataError, SpecError, CodecError, FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from None
@@ -66,7 +82,7 @@ def predict(model, inputs, boxes, score_threshold, images_json, output, draw, he
         raise click.ClickException(fs.reason(err)) from None
     click.echo(f"wrote {summary['predictions']} predictions for {summary['frames']} frames to "
                f"{output}")  # fmt: skip
-    for path in summary["csv"]:
+    for path in [*summary["csv"], *summary["h5"], *summary["filtered"]]:
         click.echo(f"wrote {path}")
 
 

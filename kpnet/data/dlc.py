@@ -3,7 +3,7 @@
 Two inputs give the same records:
 
 - a DLC project folder: ``config.yaml`` (``bodyparts``, optional ``skeleton``, ``Task``,
-  ``TrainingFraction``) and every ``labeled-data/*/CollectedData_*.csv``;
+  ``TrainingFraction``) and every ``labeled-data/*/CollectedData_*.csv`` (or ``.h5``);
 - a label CSV alone (lightning-pose style, or one DLC ``CollectedData_*.csv``): body parts from
   its header, no skeleton; image paths relative to the CSV's folder, else to its parent or
   grandparent (lightning-pose stores ``labeled-data/...`` relative to the project root; DLC
@@ -13,9 +13,9 @@ Two inputs give the same records:
 Both have three header rows (scorer / bodyparts / coords), then one row per frame whose first
 column(s) give the image path (DLC 2.3+ splits it over three columns; both work). Empty (or
 NaN) cells are unlabelled (v=0), labelled points get v=2; ``likelihood`` columns, if any, are
-ignored. Single-animal projects and CSV only: DLC writes a CSV next to every
-``CollectedData_*.h5`` when labels are saved; multi-animal CSVs (an ``individuals`` row) are
-refused with a clear error.
+ignored. Single-animal projects: a folder's ``CollectedData_*.csv`` is read, or, when it has
+none (labels saved by DLC's GUI after a refinement), its ``CollectedData_*.h5`` (pandas +
+PyTables); multi-animal tables (an ``individuals`` row) are refused with a clear error.
 
 The box of a frame is the labelled keypoints' extent grown by ``margin`` x its longer side on
 every side (clipped to the image), or the whole image (``box="image"``). Frames with no labelled
@@ -367,20 +367,44 @@ def _csv_files(project: PathLike) -> list[str | Path]:
     for folder in folders:
         inside = fs.listdir(folder)
         found = [fs.child(folder, n) for n in fnmatch.filter(inside, "CollectedData_*.csv")]
-        if not found and fnmatch.filter(inside, "CollectedData_*.h5"):
-            raise DataError(
-                f"{folder}: only CollectedData_*.h5 found; kpnet reads the CSV. Re-save the labels "
-                "in DLC (it writes both) or run pandas.read_hdf(h5).to_csv(csv)"
-            )
+        if not found:  # labels saved by DLC's GUI after a refinement may be h5 only
+            found = [fs.child(folder, n) for n in fnmatch.filter(inside, "CollectedData_*.h5")]
         files += found
     if not files:
-        raise DataError(f"{labeled}: no CollectedData_*.csv files")
+        raise DataError(f"{labeled}: no CollectedData_*.csv (or .h5) files")
     return files
 
 
+def label_rows(path: PathLike) -> list[list[str]]:
+    """The rows of a label table as CSV cells: a ``.csv``, or DLC's ``CollectedData_*.h5``
+    (pandas + PyTables; converted with ``DataFrame.to_csv``, the way DLC writes its CSVs).
+
+    Raises:
+        DataError: one line naming the file when it cannot be read.
+    """
+    if not fs.basename(path).lower().endswith((".h5", ".hdf5")):
+        return read_csv_rows(path)
+    import csv
+    import io
+
+    try:
+        import pandas as pd
+
+        with fs.local_copy(path) as local:
+            frame = pd.read_hdf(local)
+    except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as err:
+        raise DataError(f"{path}: cannot read this .h5 label table ({fs.reason(err)})") from None
+    frame = frame.copy()
+    frame.index.names = [None] * frame.index.nlevels  # no index-name row in the CSV text
+    if getattr(frame.columns, "nlevels", 1) == 3:
+        frame.columns.names = ["scorer", "bodyparts", "coords"]
+    return list(csv.reader(io.StringIO(frame.to_csv(), newline="")))
+
+
 def _read_csv(csv_path: PathLike, spec: KeypointSpec, report: LoadReport, on_error: str):
-    """Yield (where, image path as written, keypoints [K,3]) per labelled row."""
-    rows = read_csv_rows(csv_path)
+    """Yield (where, image path as written, keypoints [K,3]) per labelled row (a label CSV
+    or a ``CollectedData_*.h5``)."""
+    rows = label_rows(csv_path)
     columns, n_index = _columns(csv_path, rows[:4], spec)
     for line, row in enumerate(rows[3:], start=4):
         where = f"{csv_path}:{line}"

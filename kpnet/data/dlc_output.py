@@ -17,8 +17,9 @@ tools (DLC's plotting, filtering, anipose, ...) hide points whose likelihood is 
 ``pcutoff``. A NaN coordinate or likelihood (a point the caller has no estimate for) is written
 as an empty cell, as pandas does. Likelihoods must lie in 0..1.
 
-The ``.h5`` twin (:func:`write_dlc_h5`, key ``df_with_missing``) needs pandas and PyTables,
-which are not kpnet dependencies: without them it is skipped and returns None.
+The ``.h5`` twin (:func:`write_dlc_h5`, key ``df_with_missing``) needs pandas and PyTables
+(kpnet dependencies since the video loop; in an environment without them it is skipped and
+returns None).
 
 Example:
     >>> import tempfile, pathlib, numpy as np
