@@ -33,3 +33,19 @@ def disk_images(num: int, size: int = 64, seed: int = 0) -> tuple[np.ndarray, np
             cv2.circle(images[i], centre, 4 * 16, colour, -1, cv2.LINE_AA, shift=4)
             keypoints[i, k] = (*xy, 2.0)
     return images, keypoints
+
+
+def save_blob_model(path, spec, input_hw: tuple[int, int]):
+    """Save a keypoints model whose channel c is the average-pooled colour channel c / 255
+    (it finds :func:`blob_image`'s blobs) at ``path``; returns the path."""
+    import keras
+
+    from kpnet.inference import build_keypoints_model
+
+    images = keras.Input((*input_hw, 3))
+    pooled = keras.layers.AveragePooling2D(4)(images)
+    refine = keras.layers.Conv2D(3, 1, use_bias=False, name="refine")(pooled)
+    heatmap_model = keras.Model(images, {"refine": refine})
+    heatmap_model.get_layer("refine").set_weights([np.eye(3).reshape(1, 1, 3, 3) / 255.0])
+    build_keypoints_model(heatmap_model, spec).save(path)
+    return path

@@ -7,15 +7,13 @@ import os
 from pathlib import Path
 
 import cv2
-import keras
 import numpy as np
 import pandas as pd
 import pytest
-from _blobs import blob_image
+from _blobs import blob_image, save_blob_model
 from click.testing import CliRunner
 
 from kpnet.cli import main
-from kpnet.inference import build_keypoints_model
 from kpnet.spec import KeypointSpec
 from kpnet.tracks import Tracks, filter_tracks, read_tracks
 
@@ -45,14 +43,7 @@ def _write_video(path: Path, frames: int = FRAMES) -> Path:
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory) -> Path:
     """A keypoints model whose channel c is the average-pooled colour channel c / 255."""
-    images = keras.Input((*INPUT, 3))
-    pooled = keras.layers.AveragePooling2D(4)(images)
-    refine = keras.layers.Conv2D(3, 1, use_bias=False, name="refine")(pooled)
-    heatmap_model = keras.Model(images, {"refine": refine})
-    heatmap_model.get_layer("refine").set_weights([np.eye(3).reshape(1, 1, 3, 3) / 255.0])
-    path = tmp_path_factory.mktemp("model") / "keypoints.keras"
-    build_keypoints_model(heatmap_model, SPEC).save(path)
-    return path
+    return save_blob_model(tmp_path_factory.mktemp("model") / "keypoints.keras", SPEC, INPUT)
 
 
 @pytest.fixture(scope="module")
