@@ -23,8 +23,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import keras
-
 #: Modules of Keras' TensorFlow backend searched, in order, for an op's implementation.
 _TF_MODULES = ("numpy", "core", "math", "nn", "linalg", "image")
 
@@ -48,6 +46,8 @@ class _Ops:
     """``keras.ops`` with a TensorFlow fallback inside TF graphs (see the module doc)."""
 
     def __getattr__(self, name: str) -> Any:
+        import keras  # on first use: importing the codec (e.g. by `kpnet --help`) stays light
+
         op = getattr(keras.ops, name)
         if keras.backend.backend() == "tensorflow" or not callable(op):
             setattr(self, name, op)  # plain keras.ops: no wrapper, no cost

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -68,10 +69,21 @@ def _set_dotted(recipe: dict, key: str, value) -> dict:
 
 
 # --------------------------------------------------------------------------- the CLI itself
+@pytest.mark.parametrize("args", [["--help"], ["--version"], ["fit", "--help"]])
+def test_cli_help_is_quick_and_quiet(args):
+    """--help / --version import neither TensorFlow nor Keras and print nothing on stderr."""
+    code = ("import sys; from kpnet.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "heavy = [m for m in ('tensorflow', 'keras', 'jax') if m in sys.modules]\n"
+            "assert not heavy, heavy")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+    assert done.stdout.strip()
+
+
 def test_every_command_is_registered_and_a_broken_one_fails_loudly(monkeypatch):
     names = {"data", "fit", "evaluate", "predict", "export", "filter", "plot", "outliers"}
-    assert names <= set(main.list_commands(None))
-    kpnet.cli._register()
     assert names <= set(main.commands)
     monkeypatch.setitem(sys.modules, "kpnet.cli.export", None)  # as if it failed to import
     with pytest.raises(ImportError, match="kpnet.cli.export"):

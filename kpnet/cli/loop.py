@@ -6,7 +6,7 @@ Example:
     $ kpnet plot out/clip_filtered.csv --video clip.mp4 -o out/plots
     $ kpnet outliers out/clip.csv clip.mp4 --project my-dlc-project -n 20
 
-None of them imports TensorFlow: they start in about a second.
+None of them imports TensorFlow.
 """
 
 from __future__ import annotations
