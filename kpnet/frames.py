@@ -289,6 +289,64 @@ def _video_frames(path: Path, item: Path) -> Iterator[Frame]:
         )
 
 
+def read_video_frames(video: PathLike, wanted: Sequence[int]) -> tuple[dict[int, np.ndarray], int]:
+    """``({frame: RGB image}, frames the header announces)`` for the wanted frame numbers,
+    read sequentially (exact for every codec).
+
+    Raises:
+        DataError: the video cannot be opened, or ends before a wanted frame (truncated).
+    """
+    import cv2
+
+    path = Path(video)
+    if not path.is_file():
+        raise DataError(f"{path}: no such video file")
+    cap = _open_video(path)
+    announced = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    want = set(int(i) for i in wanted)
+    out: dict[int, np.ndarray] = {}
+    try:
+        index = 0
+        last = max(want) if want else -1
+        while index <= last:
+            if index in want:
+                ok, bgr = cap.read()
+                if ok and bgr is not None:
+                    out[index] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            else:
+                ok = cap.grab()
+            if not ok:
+                break
+            index += 1
+    finally:
+        cap.release()
+    missing = sorted(want - set(out))
+    if missing:
+        raise DataError(
+            f"{path}: the video ends before frame {missing[0]} (it decodes {index} frames); "
+            "is it truncated, or is the table from another video?"
+        )
+    return out, announced
+
+
+def announced_frames(video: PathLike) -> int:
+    """The frame count a video's header announces (0 when it gives none).
+
+    Raises:
+        DataError: the file is missing or OpenCV cannot open it.
+    """
+    import cv2
+
+    path = Path(video)
+    if not path.is_file():
+        raise DataError(f"{path}: no such video file")
+    cap = _open_video(path)
+    try:
+        return int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+    finally:
+        cap.release()
+
+
 def count_frames(inputs: Sequence[PathLike]) -> int | None:
     """Number of frames :func:`iter_frames` will yield, or None when a video does not say.
 

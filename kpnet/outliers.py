@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from kpnet import fs
+from kpnet.data.dlc_output import H5_KEY
 from kpnet.data.records import DataError
 from kpnet.tracks import DEFAULT_PCUTOFF, Tracks, check_bodyparts, filter_tracks
 
@@ -172,48 +173,6 @@ def read_project_config(project: PathLike) -> tuple[Path, dict[str, Any]]:
     return path, config
 
 
-def read_video_frames(video: PathLike, wanted: Sequence[int]) -> tuple[dict[int, Any], int]:
-    """``({frame: RGB image}, frames the header announces)`` for the wanted frame numbers,
-    read sequentially (exact for every codec).
-
-    Raises:
-        DataError: the video cannot be opened, or ends before a wanted frame (truncated).
-    """
-    import cv2
-
-    from kpnet.frames import _open_video
-
-    path = Path(video)
-    if not path.is_file():
-        raise DataError(f"{path}: no such video file")
-    cap = _open_video(path)
-    announced = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-    want = set(int(i) for i in wanted)
-    out: dict[int, Any] = {}
-    try:
-        index = 0
-        last = max(want) if want else -1
-        while index <= last:
-            if index in want:
-                ok, bgr = cap.read()
-                if ok and bgr is not None:
-                    out[index] = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-            else:
-                ok = cap.grab()
-            if not ok:
-                break
-            index += 1
-    finally:
-        cap.release()
-    missing = sorted(want - set(out))
-    if missing:
-        raise DataError(
-            f"{path}: the video ends before frame {missing[0]} (it decodes {index} frames); "
-            "is it truncated, or is the table from another video?"
-        )
-    return out, announced
-
-
 def add_video_set(config_text: str, video: str, width: int, height: int) -> str:
     """``config.yaml`` text with ``video`` added under ``video_sets`` (DLC's ``crop`` entry),
     the rest of the text untouched; unchanged when the video is already there.
@@ -285,14 +244,14 @@ def write_outlier_frames(
         present = {p.name for p in folder.glob("img*.png")} if folder.is_dir() else set()
         exclude = [i for i, f in enumerate(numbers) if frame_name(int(f), num_frames) in present]
         pick = find_outliers(tracks, n=n, exclude=exclude, **find_options)
+    from kpnet.frames import read_video_frames, write_image
+
     wanted = [int(numbers[i]) for i in pick.frames]
     if not wanted:  # no frame shows a sign: nothing to write
         return {"folder": str(folder), "frames": [], "images": [], "machinelabels": [],
                 "config": None, "candidates": pick.candidates}  # fmt: skip
     images, _ = read_video_frames(video, wanted)  # everything read before writing
     height, width = next(iter(images.values())).shape[:2] if images else (0, 0)
-    from kpnet.frames import write_image
-
     paths = []
     for frame in wanted:
         path = folder / frame_name(frame, num_frames)
@@ -311,16 +270,10 @@ def write_outlier_frames(
 
 
 def _frame_count(video: Path, rows: int) -> int:
-    import cv2
+    """Frames of ``video`` for the image names: its header's count, at least the table's rows."""
+    from kpnet.frames import announced_frames
 
-    from kpnet.frames import _open_video
-
-    if not video.is_file():
-        raise DataError(f"{video}: no such video file")
-    cap = _open_video(video)
-    count = int(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
-    cap.release()
-    return max(count, rows, 1)
+    return max(announced_frames(video), rows, 1)
 
 
 def _machine_labels(
@@ -350,7 +303,7 @@ def _machine_labels(
         except (OSError, ValueError, KeyError, TypeError, RuntimeError):
             pass  # unreadable: replaced by this extraction's guesses
     with fs.staged(h5) as tmp:
-        frame.to_hdf(tmp, key="df_with_missing", mode="w")  # fixed format, as DLC writes
+        frame.to_hdf(tmp, key=H5_KEY, mode="w")  # fixed format, as DLC writes
     csv = folder / "machinelabels.csv"
     fs.write_atomic(csv, frame.to_csv())
     return [str(h5), str(csv)]

@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from kpnet import fs
-from kpnet.data.records import DataError
 from kpnet.tracks import DEFAULT_PCUTOFF, Tracks
 
 PathLike = str | os.PathLike
@@ -46,25 +45,9 @@ def first_frame(video: PathLike, index: int = 0) -> np.ndarray:
         DataError: one line naming the video when OpenCV cannot open it or it has fewer
             frames.
     """
-    import cv2
+    from kpnet.frames import read_video_frames
 
-    from kpnet.frames import _open_video
-
-    path = Path(video)
-    if not path.is_file():
-        raise DataError(f"{path}: no such video file")
-    cap = _open_video(path)
-    try:
-        ok, bgr = False, None
-        for _ in range(index + 1):
-            ok, bgr = cap.read()
-            if not ok:
-                break
-    finally:
-        cap.release()
-    if not ok or bgr is None:
-        raise DataError(f"{path}: the video has no frame {index} OpenCV can decode")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return read_video_frames(video, [index])[0][index]
 
 
 def _pyplot():

@@ -109,10 +109,9 @@ def predict_inputs(
     predictor = Predictor(keypoints_model)
     if padding is not None:
         predictor.codec = predictor.codec.replace(padding=tuple(padding))
-    out = _Outputs(output, predictor.spec, model, draw, heatmaps, len(listed))
-    out.style = {"pcutoff": float(pcutoff), "trail": int(trail), "skeleton": bool(skeleton)}
-    if filter_method:
-        out.filter = (filter_method, int(filter_window), float(pcutoff))
+    style = {"pcutoff": float(pcutoff), "trail": int(trail), "skeleton": bool(skeleton)}
+    smoothing = (filter_method, int(filter_window), float(pcutoff)) if filter_method else None
+    out = _Outputs(output, predictor.spec, model, draw, heatmaps, len(listed), style, smoothing)
     total = count_frames(inputs)
     try:
         with Progress(total, "predict") as bar:
@@ -236,7 +235,7 @@ class _Outputs:
 
     def __init__(
         self, output: PathLike, spec, model: PathLike, draw: PathLike | None, heatmaps: bool,
-        num_inputs: int,
+        num_inputs: int, style: dict[str, Any], filter: tuple[str, int, float] | None = None,
     ) -> None:  # fmt: skip
         self.output, self.spec, self.heatmaps = fs.as_path(output), spec, heatmaps
         self.scorer = f"kpnet_{_model_name(model)}"
@@ -247,8 +246,8 @@ class _Outputs:
         self.drawn: list[str] = []
         self.frames = 0
         self.num_inputs = num_inputs
-        self.style: dict[str, Any] = {"pcutoff": 0.6, "trail": 0, "skeleton": True}
-        self.filter: tuple[str, int, float] | None = None
+        self.style = style  # pcutoff, trail, skeleton of the drawings
+        self.filter = filter  # (method, window, pcutoff) of the filtered tables, or None
         self.trails: dict[Path, Any] = {}
 
     def add(self, frame, xy, scores, dets, image_id, category_id, extra) -> None:

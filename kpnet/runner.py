@@ -195,22 +195,18 @@ class Predictor:
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[-1] != 3:
             raise DataError(f"predict: an image must be RGB [H, W, 3], got shape {image.shape}")
-        boxes = np.zeros((1, 4), np.float32) if boxes is None else np.asarray(boxes, np.float32)
-        boxes = boxes.reshape(-1, 4)
-        hw = np.tile(np.array(image.shape[:2], np.float32), (len(boxes), 1))
-        matrices = _numpy(self.codec.crop_matrices(boxes, hw))
-        crops = self._sample(image[None], matrices, self.codec.input_size,
-                             np.zeros(len(boxes), np.int32))  # fmt: skip
-        return _numpy(crops), matrices
+        boxes = np.zeros((1, 4), np.float32) if boxes is None else boxes
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        return self._crops_stacked(image[None], boxes, np.zeros(len(boxes), np.int32))
 
     def _crops_stacked(
         self, images: np.ndarray, boxes: np.ndarray, image_of: np.ndarray, as_tensor: bool = False
     ):
-        """:meth:`crops` of a stack of same-size images [N, H, W, 3] in one sampler call
-        (``as_tensor``: the crops as the sampler's tensor, for the model's next call)."""
-        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        """:meth:`crops` of a stack of same-size images [N, H, W, 3] in one sampler call;
+        box i lies in image ``image_of[i]`` (``as_tensor``: the crops as the sampler's tensor,
+        for the model's next call). Whole-frame matrices repeat every batch: cached."""
         hw = np.tile(np.array(images.shape[1:3], np.float32), (len(boxes), 1))
-        key = (self.codec, boxes.tobytes(), hw.tobytes())  # whole frames: the same every batch
+        key = (self.codec, boxes.tobytes(), hw.tobytes())
         matrices = self._matrices.get(key)
         if matrices is None:
             matrices = _numpy(self.codec.crop_matrices(boxes, hw))
@@ -256,12 +252,13 @@ class Predictor:
         image_of = np.repeat(np.arange(len(batch)), counts)
         last: dict[str, np.ndarray] = {}
 
-        same_size = (  # video frames: one sampler call for the batch
-            len(images) > 1 and len({image.shape for image in images}) == 1 and images[0].ndim == 3
-        )
+        # video frames (one size, RGB): one sampler call for the whole batch
+        same_size = len(images) > 1 and len({image.shape for image in images}) == 1
+        same_size = same_size and images[0].ndim == 3 and images[0].shape[-1] == 3
 
         def locate(boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            if same_size and images[0].shape[-1] == 3:
+            if same_size:
+                boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
                 c, m = self._crops_stacked(np.stack(images), boxes, image_of,
                                            as_tensor=_tf_backend())  # fmt: skip
                 last.update(crops=c, matrices=m)  # stays a tensor: no copy to NumPy and back

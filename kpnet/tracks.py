@@ -33,8 +33,6 @@ from kpnet.data.records import DataError
 
 PathLike = str | os.PathLike
 
-#: The key DeepLabCut reads and writes its ``.h5`` tables under.
-H5_KEY = "df_with_missing"
 #: Filters of :func:`filter_tracks`.
 FILTERS = ("median", "savgol")
 #: Likelihood below which a point counts as missing (DeepLabCut's default ``pcutoff``).
@@ -98,14 +96,9 @@ def _index_value(value: str) -> str | int:
 
 
 def _read_h5(path: PathLike) -> Tracks:
-    import pandas as pd
+    from kpnet.data.dlc_output import read_h5_table
 
-    try:
-        with fs.local_copy(path) as local:
-            frame = pd.read_hdf(local)
-    except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as err:
-        raise DataError(f"{path}: cannot read this .h5 table ({fs.reason(err)})") from None
-    return tracks_from_frame(frame, path)
+    return tracks_from_frame(read_h5_table(path), path)
 
 
 def tracks_from_frame(frame, where: PathLike = "table") -> Tracks:

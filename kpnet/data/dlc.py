@@ -50,7 +50,7 @@ import yaml
 from kpnet import fs
 from kpnet.data.check import LoadReport, Records, check_on_error
 from kpnet.data.coco import guess_flip_pairs
-from kpnet.data.dlc_output import parse_header, read_csv_rows
+from kpnet.data.dlc_output import parse_header, read_csv_rows, read_h5_table
 from kpnet.data.records import DataError, InstanceRecord
 from kpnet.spec import KeypointSpec, SpecError
 
@@ -387,13 +387,7 @@ def label_rows(path: PathLike) -> list[list[str]]:
     import csv
     import io
 
-    try:
-        import pandas as pd
-
-        with fs.local_copy(path) as local:
-            frame = pd.read_hdf(local)
-    except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as err:
-        raise DataError(f"{path}: cannot read this .h5 label table ({fs.reason(err)})") from None
+    frame = read_h5_table(path, "label table")
     frame = frame.copy()
     frame.index.names = [None] * frame.index.nlevels  # no index-name row in the CSV text
     if getattr(frame.columns, "nlevels", 1) == 3:

@@ -55,6 +55,8 @@ from kpnet.data.records import DataError
 log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
+#: The key DeepLabCut reads and writes its ``.h5`` tables under.
+H5_KEY = "df_with_missing"
 
 #: Decimals written for coordinates (1e-4 px) and likelihoods.
 XY_DECIMALS = 4
@@ -155,8 +157,23 @@ def write_dlc_h5(
         index = [int(n) for n in index]
     frame = pd.DataFrame(values, columns=columns, index=index)
     with fs.staged(path) as tmp:  # PyTables writes local files only
-        frame.to_hdf(tmp, key="df_with_missing", format="table", mode="w")
+        frame.to_hdf(tmp, key=H5_KEY, format="table", mode="w")
     return fs.as_path(path)
+
+
+def read_h5_table(path: PathLike, what: str = "table"):
+    """DLC's pandas frame from an ``.h5`` (a prediction or label table; local or a URL).
+
+    Raises:
+        DataError: one line naming the file when pandas / PyTables cannot read it.
+    """
+    try:
+        import pandas as pd
+
+        with fs.local_copy(path) as local:
+            return pd.read_hdf(local)
+    except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as err:
+        raise DataError(f"{path}: cannot read this .h5 {what} ({fs.reason(err)})") from None
 
 
 def h5_available() -> bool:
