@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from kpnet.cli import main
 from kpnet.spec import KeypointSpec
-from kpnet.tracks import Tracks, filter_tracks, read_tracks
+from kpnet.tracks import filter_tracks, read_tracks
 
 INPUT = (64, 64)
 SPEC = KeypointSpec(names=("red", "green", "blue"), skeleton=((0, 1), (1, 2)))
@@ -105,37 +105,27 @@ def test_predict_writes_dlc_csv_h5_filtered_and_a_labelled_video(predicted):
 
 
 # --------------------------------------------------------------------------- filter
-def _synthetic(seed: int = 0) -> tuple[Tracks, np.ndarray]:
-    """A smooth 2-body-part track with 2 px jitter, spikes (confident) and dropouts."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(300)
-    truth = np.stack(
-        [
-            np.stack([200 + 80 * np.sin(t / 25), 150 + 60 * np.cos(t / 40)], -1),
-            np.stack([100 + 0.5 * t, 120 + 30 * np.sin(t / 15)], -1),
-        ],
-        1,
-    )
-    xy = truth + rng.normal(0, 2.0, truth.shape)
-    lik = np.full(truth.shape[:2], 0.95)
-    spikes = rng.choice(300, 15, replace=False)
-    xy[spikes] += rng.choice([-1, 1], (15, 2, 2)) * 60.0
-    dropouts = rng.choice(np.setdiff1d(np.arange(300), spikes), 30, replace=False)
-    xy[dropouts] = rng.uniform(0, 400, (30, 2, 2))
-    lik[dropouts] = 0.05
-    return Tracks("s", ("nose", "tail"), tuple(range(300)), xy, lik), truth
+def _filter_benchmark():
+    """benchmarks/filter.py: the synthetic track the README's filter figures come from."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "filter.py"
+    spec = importlib.util.spec_from_file_location("filter_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_filters_beat_the_raw_track_on_spikes_and_dropouts(tmp_path):
-    tracks, truth = _synthetic()
-    rmse = lambda xy: float(np.sqrt(np.mean(np.sum((xy - truth) ** 2, -1))))
+    bench = _filter_benchmark()
+    tracks, truth = bench.synthetic_track()
+    rmse = lambda xy: bench.rmse(xy, truth)  # noqa: E731
     raw = rmse(tracks.xy)
     median = rmse(filter_tracks(tracks, "median", window=5).xy)
     savgol = rmse(filter_tracks(tracks, "savgol", window=7).xy)
     naive = rmse(filter_tracks(tracks, "median", window=5, pcutoff=0.0).xy)  # averages dropouts
     print(f"rmse px: raw {raw:.1f}, median {median:.2f}, savgol {savgol:.2f}, naive {naive:.1f}")
-    # measured (seed 0): raw 63.6 px, median 2.96 (the 2 px jitter alone is 2.8), savgol 11.7,
-    # median ignoring the likelihood 15.8
+    # python benchmarks/filter.py prints these errors (README)
     assert raw > 30 and median < 4.0 and median < raw / 10
     assert savgol < raw / 3  # spikes leak into the polynomial fit
     assert median < naive / 3  # likelihood-aware: dropouts bridged, not averaged in
