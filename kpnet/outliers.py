@@ -217,12 +217,13 @@ def add_video_set(config_text: str, video: str, width: int, height: int) -> str:
 
 def write_outlier_frames(
     project: PathLike, video: PathLike, tracks: Tracks, pick: OutlierPick | None = None,
-    n: int = 20, **find_options: Any,
+    n: int = 20, table_name: str | None = None, **find_options: Any,
 ) -> dict[str, Any]:  # fmt: skip
     """Extract the picked frames of ``video`` into the DLC project (module docstring).
 
     Without ``pick`` the frames come from :func:`find_outliers` (``n``, ``find_options``),
-    leaving out frames the project's folder for this video already holds.
+    leaving out frames the project's folder for this video already holds. ``table_name``
+    names the table in errors (default: its scorer).
 
     Returns:
         ``{"folder", "frames": [frame numbers], "images": [paths], "machinelabels":
@@ -233,7 +234,8 @@ def write_outlier_frames(
             OpenCV cannot read or that is truncated.
     """
     config_path, config = read_project_config(project)
-    check_bodyparts(tracks, [str(b) for b in config["bodyparts"]], str(tracks.scorer or "table"),
+    check_bodyparts(tracks, [str(b) for b in config["bodyparts"]],
+                    table_name or str(tracks.scorer or "table"),
                     f"the project {config_path}")  # fmt: skip
     video = Path(video)
     stem = video.stem

@@ -53,6 +53,7 @@ import numpy as np
 
 from kpnet import fs
 from kpnet.data.records import DataError
+from kpnet.tracks import DEFAULT_PCUTOFF
 
 RESCORE_THRESHOLD = 0.2
 PathLike = str | os.PathLike
@@ -71,7 +72,7 @@ def predict_inputs(
     padding: Sequence[float] | None = None,
     category_id: int = 1,
     batch_size: int = 16,
-    pcutoff: float = 0.6,
+    pcutoff: float = DEFAULT_PCUTOFF,
     trail: int = 0,
     skeleton: bool = True,
     filter_method: str | None = None,

@@ -16,8 +16,11 @@ from pathlib import Path
 import click
 
 from kpnet.data.records import DataError
+from kpnet.tracks import DEFAULT_PCUTOFF
 
 PCUTOFF_HELP = "Likelihood below which a point counts as missing (DeepLabCut's pcutoff)."
+pcutoff_option = click.option("--pcutoff", type=click.FloatRange(0.0, 1.0), default=DEFAULT_PCUTOFF,
+                              show_default=True, help=PCUTOFF_HELP)  # fmt: skip
 
 
 def _fail(err: BaseException) -> click.ClickException:
@@ -43,9 +46,7 @@ def _fail(err: BaseException) -> click.ClickException:
 @click.option(
     "--polyorder", type=int, default=2, show_default=True, help="savgol: the polynomial's order."
 )
-@click.option(
-    "--pcutoff", type=click.FloatRange(0.0, 1.0), default=0.6, show_default=True, help=PCUTOFF_HELP
-)
+@pcutoff_option
 @click.option(
     "-o",
     "--output",
@@ -86,9 +87,7 @@ def filter_command(table, method, window, polyorder, pcutoff, output) -> None:
     type=click.Path(path_type=Path),
     help="Draw the trajectories over this video's first frame.",
 )
-@click.option(
-    "--pcutoff", type=click.FloatRange(0.0, 1.0), default=0.6, show_default=True, help=PCUTOFF_HELP
-)
+@pcutoff_option
 def plot(table, out_dir, video, pcutoff) -> None:
     """Plot a DeepLabCut prediction TABLE: trajectories (over the video's first frame with
     --video), x / y over time, likelihood over time and its histogram, as PNGs."""
@@ -122,9 +121,7 @@ def plot(table, out_dir, video, pcutoff) -> None:
     show_default=True,
     help="Frames to pick.",
 )
-@click.option(
-    "--pcutoff", type=click.FloatRange(0.0, 1.0), default=0.6, show_default=True, help=PCUTOFF_HELP
-)
+@pcutoff_option
 @click.option(
     "--jump",
     type=float,
@@ -146,18 +143,16 @@ def outliers(table, video, project, num_frames, pcutoff, jump, epsilon, seed) ->
     labeled-data/<video stem>/img*.png, machinelabels-iter<N>.h5 / machinelabels.csv (the
     model's guesses) and the video in config.yaml's video_sets."""
     from kpnet.outliers import read_project_config, write_outlier_frames
-    from kpnet.tracks import check_bodyparts, read_tracks
+    from kpnet.tracks import read_tracks
 
     try:
-        _, config = read_project_config(project)  # a missing project fails first
+        read_project_config(project)  # a missing project fails before the table is read
         tracks = read_tracks(table)
-        check_bodyparts(
-            tracks, [str(b) for b in config["bodyparts"]], str(table), f"the project {project}"
-        )
         summary = write_outlier_frames(
             project,
             video,
             tracks,
+            table_name=str(table),
             n=num_frames,
             pcutoff=pcutoff,
             jump=jump,

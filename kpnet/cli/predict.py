@@ -20,6 +20,7 @@ from kpnet import fs
 from kpnet.codec import CodecError
 from kpnet.data.records import DataError
 from kpnet.spec import SpecError
+from kpnet.tracks import DEFAULT_PCUTOFF
 
 
 @click.command("predict")
@@ -51,7 +52,8 @@ from kpnet.spec import SpecError
               help="category_id of whole-frame results.")  # fmt: skip
 @click.option("--batch-size", type=int, default=16, show_default=True,
               help="Frames per forward pass (benchmarks/video.py finds the fastest).")  # fmt: skip
-@click.option("--pcutoff", type=click.FloatRange(0.0, 1.0), default=0.6, show_default=True,
+@click.option("--pcutoff", type=click.FloatRange(0.0, 1.0), default=DEFAULT_PCUTOFF,
+              show_default=True,
               help="Likelihood below which a point is hidden (--draw) or bridged.")  # fmt: skip
 @click.option("--trail", type=click.IntRange(min=0), default=0, show_default=True,
               help="With --draw: each point's path over the last N video frames.")  # fmt: skip
