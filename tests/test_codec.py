@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _benchmarks import load_benchmark
 
 from kpnet import codec
 
 
 def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "codec.py"
-    spec = importlib.util.spec_from_file_location("codec_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("codec")
 
 
 def _kp(*points) -> np.ndarray:

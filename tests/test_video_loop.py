@@ -10,6 +10,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from _benchmarks import load_benchmark
 from _blobs import blob_image, save_blob_model
 from click.testing import CliRunner
 
@@ -105,19 +106,8 @@ def test_predict_writes_dlc_csv_h5_filtered_and_a_labelled_video(predicted):
 
 
 # --------------------------------------------------------------------------- filter
-def _filter_benchmark():
-    """benchmarks/filter.py: the synthetic track the README's filter figures come from."""
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "filter.py"
-    spec = importlib.util.spec_from_file_location("filter_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_filters_beat_the_raw_track_on_spikes_and_dropouts(tmp_path):
-    bench = _filter_benchmark()
+    bench = load_benchmark("filter")  # the README's filter figures come from it
     tracks, truth = bench.synthetic_track()
     rmse = lambda xy: bench.rmse(xy, truth)  # noqa: E731
     raw = rmse(tracks.xy)
