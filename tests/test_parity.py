@@ -3,13 +3,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from _benchmarks import load_benchmark
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _parity():
