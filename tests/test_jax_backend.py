@@ -107,6 +107,7 @@ def _jax_fit(out, cache, *overrides: str, devices: int = 1) -> subprocess.Comple
 
 
 @requires_jax
+@pytest.mark.slow  # a JAX fit on two devices + export: ~1-2 min on 2 cores (fast suite budget)
 def test_kpnet_fit_under_jax_on_two_devices_exports_a_saved_model(tmp_path):
     """`kpnet fit` under JAX: DataParallel over 2 host devices, precise BN, the run folder,
     and a SavedModel (exported by TensorFlow) that gives the keypoints of `kpnet.load_model`."""
