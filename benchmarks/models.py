@@ -103,7 +103,7 @@ def size_and_speed(name: str, timing_steps: int) -> dict:
 def held_out(name: str, dataset: str, steps: int, work: Path) -> dict:
     """Train ``steps`` steps with ``kpnet fit`` and return the held-out pixel errors."""
     from kpnet.recipe import load_recipe
-    from kpnet.train import fit
+    from kpnet.training import fit
 
     common = [*model_overrides(name), "train.epochs=1", f"train.steps_per_epoch={steps}",
               f"train.batch_size={BATCH}", "train.verbose=0", "train.distribute=one_device",

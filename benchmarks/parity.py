@@ -73,7 +73,7 @@ json.dump(results, open(out, "w"))
 def train(case: str, precision: str, out: Path, extra: list[str]) -> Path:
     """A briefly trained run folder for ``case`` (recipe + quick overrides)."""
     from kpnet.recipe import load_recipe
-    from kpnet.train import fit
+    from kpnet.training import fit
 
     recipe_path, overrides = CASES[case]
     recipe = load_recipe(recipe_path, [*overrides, *QUICK, f"train.precision={precision}",
@@ -86,10 +86,10 @@ def train(case: str, precision: str, out: Path, extra: list[str]) -> Path:
 
 def path_evaluate(run: Path):
     """(a) fit's validation / kpnet evaluate: the evaluation pipeline."""
+    from kpnet.data.sources import load_validation
     from kpnet.inference import load_model
     from kpnet.recipe import load_recipe
     from kpnet.runner import evaluate_model
-    from kpnet.train import load_validation
 
     recipe = load_recipe(run / "recipe.resolved.yaml")
     spec, records, config = load_validation(recipe)

@@ -256,15 +256,10 @@ def run_infer(args, spec, precision: str, batch: int) -> list[dict]:
 
 def run_fit(args, spec, precision: str, batch: int) -> dict:
     """``kpnet fit``'s path: recipe -> tf.data pipeline -> compiled model -> ``model.fit``."""
+    from kpnet.data.sources import load_data, pipeline_config
     from kpnet.recipe import load_recipe
-    from kpnet.train import (
-        Phase,
-        _datasets,
-        build_model,
-        configure_phase,
-        load_data,
-        pipeline_config,
-    )  # fmt: skip
+    from kpnet.training.loop import _datasets
+    from kpnet.training.phases import Phase, build_model, configure_phase
 
     recipe_path = Path(__file__).resolve().parents[1] / "recipes" / "coco-cpn50-256x192.yaml"
     data = Path(args.data)

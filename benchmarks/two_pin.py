@@ -25,11 +25,12 @@ from pathlib import Path
 
 import keras
 
+from kpnet.data.sources import load_data, pipeline_config
 from kpnet.data.synthetic import pin_spec
 from kpnet.inference import build_keypoints_model
 from kpnet.recipe import Recipe, load_recipe
 from kpnet.runner import evaluate_model
-from kpnet.train import fit, load_data, pipeline_config
+from kpnet.training import fit
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 VARIANTS = {

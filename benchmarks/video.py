@@ -68,7 +68,7 @@ def build(name: str) -> Any:
     from kpnet.data.dlc import dlc_spec
     from kpnet.inference import build_keypoints_model
     from kpnet.recipe import load_recipe
-    from kpnet.train import build_model
+    from kpnet.training import build_model
 
     recipe = load_recipe(RECIPE, MODELS[name])
     spec = dlc_spec(DEFAULT_DATA) if DEFAULT_DATA.exists() else None

@@ -32,7 +32,7 @@ _LAZY = {
     "Codec": "kpnet.codec",
     "load_recipe": "kpnet.recipe",
     "RecipeError": "kpnet.recipe",
-    "fit": "kpnet.train",
+    "fit": "kpnet.training",
     "export_saved_model": "kpnet.export",
     "evaluate_predictions": "kpnet.evaluate",
     "coco_keypoint_ap": "kpnet.evaluate",

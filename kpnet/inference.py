@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +27,12 @@ import numpy as np
 from keras import ops
 
 from kpnet import codec as codec_lib
-from kpnet import fs
+from kpnet import (
+    fs,
+    models,  # noqa: F401  registers the backbones' layers for loading
+)
 from kpnet.models.fused_bn import fuse_batchnorm
+from kpnet.run_folder import SPEC, RunFolder, model_path
 from kpnet.spec import KeypointSpec, SpecError
 
 HEATMAP_MODEL_NAME = "heatmaps"
@@ -260,8 +263,7 @@ def load_model(
         **options: decode options (:data:`DECODE_OPTIONS`); given for a keypoints model,
             its heatmap model is re-wrapped with its codec so changed.
     """
-    path = resolve_model_path(path)
-    _register_model_layers()
+    path = model_path(path)
     with fs.local_copy(path) as local:
         model = keras.saving.load_model(local, compile=False, safe_mode=True)  # inference only
     fuse_batchnorm(model)
@@ -271,65 +273,24 @@ def load_model(
             return model
         spec, codec = spec or decoders[0].spec, codec or decoders[0].codec
         model = model.get_layer(HEATMAP_MODEL_NAME)
-    spec = _resolve_spec(spec, path)
-    codec = codec or _saved_codec(path)
+    folder = RunFolder.of(path)
+    spec = _resolve_spec(spec, path, folder)
+    codec = codec or folder.saved_codec()
     return build_keypoints_model(model, spec, codec, **options)
 
 
-#: Model files of a run folder, in order of preference.
-RUN_MODEL_FILES: tuple[str, ...] = ("keypoints.keras", "best.keras", "last.keras")
-
-
-def resolve_model_path(path: str | Path) -> str | Path:
-    """A ``.keras`` file as is; a run folder -> its model (:data:`RUN_MODEL_FILES` order).
-
-    A local path comes back as a ``Path``, a URL as a string."""
-    path = fs.as_path(path)
-    if fs.isdir(path):
-        for name in RUN_MODEL_FILES:
-            if fs.isfile(fs.join(path, name)):
-                return fs.child(path, name)
-        raise FileNotFoundError(f"{path}: a run folder needs one of {', '.join(RUN_MODEL_FILES)}")
-    if not fs.isfile(path):
-        raise FileNotFoundError(f"no model file at {path}")
-    if not fs.basename(path).endswith(".keras"):
-        raise FileNotFoundError(f"{path}: a model must be a .keras file or a run folder")
-    return path
-
-
-def _saved_codec(path: str | Path) -> codec_lib.Codec | None:
-    """The codec in ``codec.json`` beside a heatmap model, or None."""
-    codec_file = fs.child(fs.parent(path), "codec.json")
-    if not fs.isfile(codec_file):
-        return None
-    try:
-        return codec_lib.Codec.from_dict(json.loads(fs.read_text(codec_file)))
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
-        raise SpecError(f"{codec_file}: not a kpnet codec ({err})") from None
-
-
-def _resolve_spec(spec: KeypointSpec | dict | None, path: str | Path) -> KeypointSpec:
+def _resolve_spec(spec: KeypointSpec | dict | None, path, folder: RunFolder) -> KeypointSpec:
     if isinstance(spec, KeypointSpec):
         return spec
     if spec is not None:
         return KeypointSpec.from_dict(spec)
-    spec_file = fs.child(fs.parent(path), "spec.json")
-    if not fs.isfile(spec_file):
+    saved = folder.saved_spec()
+    if saved is None:
         raise SpecError(
             f"{path} is a heatmap model and no spec was given: pass spec=... or write the "
-            f"KeypointSpec.to_dict() as JSON to {spec_file}"
+            f"KeypointSpec.to_dict() as JSON to {folder.file(SPEC)}"
         )
-    try:
-        return KeypointSpec.from_dict(json.loads(fs.read_text(spec_file)))
-    except (json.JSONDecodeError, SpecError) as err:
-        raise SpecError(f"{spec_file}: {err}") from err
-
-
-def _register_model_layers() -> None:
-    """Register kpnet's Keras objects (backbone layers, losses, schedule) before loading."""
-    from kpnet.saving import register_keras_objects
-
-    register_keras_objects()
+    return saved
 
 
 def _named_heatmap_model(model: keras.Model) -> keras.Model:

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 def register_keras_objects() -> None:
     """Import the modules defining kpnet's layers, losses and schedules (registering them)."""
+    # imported here, not above: `import kpnet.saving` stays light, and the registry may name
+    # the training layer's schedule without serving importing training
     import kpnet.inference  # noqa: F401  keypoint decoding layers
     import kpnet.losses  # noqa: F401  GlobalNet L2, OHKM, pixel OHKM (training compile state)
     import kpnet.models  # noqa: F401  backbone preprocessing
-    import kpnet.schedules  # noqa: F401  the learning-rate schedule (training compile state)
+    import kpnet.training.schedules  # noqa: F401  the learning-rate schedule (compile state)

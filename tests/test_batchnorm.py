@@ -17,13 +17,13 @@ from _blobs import disk_images
 from click.testing import CliRunner
 
 from kpnet import codec
-from kpnet.batchnorm import PreciseBN, bn_layers, recompute_bn_statistics
 from kpnet.cli import main
 from kpnet.losses import build_losses
 from kpnet.models import build_cpn
 from kpnet.recipe import RecipeError, load_recipe
 from kpnet.spec import KeypointSpec
-from kpnet.train import build_model, training_phases
+from kpnet.training import build_model, training_phases
+from kpnet.training.precise_bn import PreciseBN, bn_layers, recompute_bn_statistics
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
@@ -123,7 +123,7 @@ MIRRORED = textwrap.dedent("""
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
-    from kpnet.batchnorm import recompute_bn_statistics
+    from kpnet.training.precise_bn import recompute_bn_statistics
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
         inputs = keras.Input((4,))
@@ -256,24 +256,26 @@ def test_bn_momentum_reaches_every_batchnorm_layer():
 
 
 def test_fit_adds_precise_bn_after_the_nan_guard(tmp_path):
-    import kpnet.train as kt
-    from kpnet.callbacks import NaNGuard
+    import kpnet.training.loop as kt
+    from kpnet.data.sources import load_data
+    from kpnet.run_folder import RunFolder
+    from kpnet.training.callbacks import NaNGuard
 
     base = [f"data.synthetic_pins.cache_dir={tmp_path / 'pins'}",
             "data.synthetic_pins.num_train=20", "data.synthetic_pins.num_val=2",
             "data.synthetic_pins.image_size=[64,64]", "model.input_size=[64,64]",
             "train.batch_size=8"]  # fmt: skip
     recipe = load_recipe(QUICKSTART, [*base, "train.precise_bn_batches=16"])
-    spec, train, _ = kt.load_data(recipe)
+    spec, train, _ = load_data(recipe)
     phase = training_phases(recipe)[0]
-    run = kt._Run(recipe, tmp_path, spec, 2, None, None, "loss", NaNGuard(), train)
+    run = kt.Run(recipe, RunFolder(tmp_path), spec, 2, None, None, "loss", NaNGuard(), train)
     callbacks = kt._callbacks(run, phase)
     assert isinstance(callbacks[0], NaNGuard) and isinstance(callbacks[1], PreciseBN)
     assert callbacks[1].num_batches == 3  # at most one pass over the 20 training images
     images = next(iter(callbacks[1].dataset_fn()))
     assert tuple(images.shape) == (8, 64, 64, 3)  # images only, no keypoints
-    off = kt._Run(load_recipe(QUICKSTART, [*base, "train.precise_bn_batches=0"]), tmp_path,
-                  spec, 2, None, None, "loss", NaNGuard(), train)  # fmt: skip
+    off_recipe = load_recipe(QUICKSTART, [*base, "train.precise_bn_batches=0"])
+    off = kt.Run(off_recipe, RunFolder(tmp_path), spec, 2, None, None, "loss", NaNGuard(), train)
     assert not any(isinstance(cb, PreciseBN) for cb in kt._callbacks(off, phase))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from kpnet.callbacks import GuardedCheckpoint, NaNGuard
+from kpnet.training.callbacks import GuardedCheckpoint, NaNGuard
 
 
 def test_best_checkpoint_skips_epochs_without_validation(tmp_path):

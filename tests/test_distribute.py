@@ -27,7 +27,7 @@ MIRRORED = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     import keras
     from kpnet.recipe import load_recipe
-    from kpnet.train import build_model, configure_phase, make_strategy, training_phases
+    from kpnet.training import build_model, configure_phase, make_strategy, training_phases
     recipe = load_recipe(sys.argv[1], ["model.input_size=[64,64]", "model.pyramid_channels=16",
                                        "train.optimizer=sgd", "train.lr=0.05", "train.momentum=0",
                                        "train.weight_decay=0", "train.lr_schedule=constant",
@@ -89,7 +89,7 @@ def _free_ports(n: int) -> list[int]:
 WORKER = textwrap.dedent("""
     import sys
     from kpnet.recipe import load_recipe
-    from kpnet.train import fit
+    from kpnet.training import fit
     recipe = load_recipe(sys.argv[1], sys.argv[3:])
     result = fit(recipe, sys.argv[2])
     print("DONE", result["output_dir"])

@@ -376,8 +376,8 @@ def test_split_on_dlc_reaching():
 
 
 def test_recipe_keys_drive_the_dlc_split(tmp_path):
+    from kpnet.data.sources import load_data
     from kpnet.recipe import RecipeError, load_recipe
-    from kpnet.train import load_data
 
     project = _tmp_project(tmp_path / "proj", "[0.7]")
     recipe_path = tmp_path / "r.yaml"

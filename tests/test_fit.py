@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 from kpnet.cli import main
 from kpnet.recipe import load_recipe
-from kpnet.train import EpochSchedule, fit
+from kpnet.training import EpochSchedule, fit
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from kpnet.batchnorm import recompute_bn_statistics
 from kpnet.models.fused_bn import fuse_batchnorm
 from kpnet.models.heads import build_heatmap_model
+from kpnet.training.precise_bn import recompute_bn_statistics
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                                 reason="fused BatchNorm is TensorFlow-only")  # fmt: skip

@@ -224,7 +224,7 @@ def test_good_coco_data_passes(coco, tmp_path):
     result = _invoke("data", "check", str(ann), "--images", str(images), "--decode")
     assert result.exit_code == 0, result.output
     assert "instances         2" in result.output and "corrupt images    0" in result.output
-    from kpnet.train import load_data
+    from kpnet.data.sources import load_data
 
     spec, train, _ = load_data(load_recipe(_coco_recipe(tmp_path, ann, images)))
     assert spec.names == ("tip_l", "tip_r") and len(train) == 2
@@ -256,7 +256,7 @@ def test_outside_root_needs_an_explicit_opt_in(coco, tmp_path):
         load_coco_records(ann, images)
     check = _invoke("data", "check", str(ann), "--images", str(images), "--allow-outside-root")
     assert check.exit_code == 0, check.output
-    from kpnet.train import load_data
+    from kpnet.data.sources import load_data
 
     recipe = load_recipe(_coco_recipe(tmp_path, ann, images, allow_outside_root=True))
     assert recipe.data.coco.allow_outside_root is True

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 from kpnet.cli import main
 from kpnet.data.dlc_output import read_dlc_csv
 from kpnet.data.records import DataError
-from kpnet.inference import resolve_model_path
 from kpnet.predict import _detections as read_detections
 from kpnet.predict import _image_ids as image_ids
 from kpnet.predict import coco_result
+from kpnet.run_folder import model_path as resolve_model_path
 from kpnet.spec import KeypointSpec
 
 INPUT = (64, 64)

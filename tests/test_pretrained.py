@@ -295,7 +295,7 @@ def test_backbone_bn_frozen_keeps_imagenet_statistics(tmp_path):
     unchanged by a step) while its convolutions and the head's BN train."""
     from kpnet.recipe import load_recipe
     from kpnet.spec import KeypointSpec
-    from kpnet.train import backbone_layer_names, configure_phase, training_phases
+    from kpnet.training import backbone_layer_names, configure_phase, training_phases
 
     recipe = load_recipe("recipes/quickstart.yaml", [
         "model.backbone=efficientnet_lite0", "model.head=fpn", "model.backbone_weights=null",

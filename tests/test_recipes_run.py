@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from kpnet import train as kt
+from kpnet import training as kt
 from kpnet.cli import main
+from kpnet.data.sources import load_data, pipeline_config
 from kpnet.recipe import Recipe, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,9 +87,9 @@ def _one_step(recipe: Recipe) -> tuple[keras.Model, dict, list, list, set[str]]:
     """One eager optimizer step of the recipe's first phase; (model, logs, before, after)."""
     from kpnet.data.pipeline import build_dataset
 
-    spec, train, _ = kt.load_data(recipe)
+    spec, train, _ = load_data(recipe)
     t = recipe.train
-    ds = build_dataset(train[: 2 * t.batch_size], spec, kt.pipeline_config(recipe), t.batch_size,
+    ds = build_dataset(train[: 2 * t.batch_size], spec, pipeline_config(recipe), t.batch_size,
                        training=True, seed=t.seed, repeat=True)  # fmt: skip
     names = kt.output_names(recipe)
     ds = ds.map(lambda images, kp: (images, {name: kp for name in names}))
@@ -115,7 +116,7 @@ def test_recipe_trains_one_step(path, synthetic_cache):
         model, logs, before, after, frozen = _one_step(recipe)
     finally:
         keras.mixed_precision.set_global_policy(previous)
-    spec = recipe.data.keypoint_spec() or kt.load_data(recipe)[0]
+    spec = recipe.data.keypoint_spec() or load_data(recipe)[0]
     outputs = kt.output_names(recipe)
     assert tuple(model.output) == outputs
     assert all(model.output[n].shape[-1] == spec.num_channels for n in outputs)

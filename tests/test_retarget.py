@@ -19,8 +19,9 @@ from click.testing import CliRunner
 
 import kpnet
 from kpnet.cli import main
+from kpnet.data.sources import load_data
 from kpnet.recipe import load_recipe
-from kpnet.train import backbone_layer_names, build_model, load_data
+from kpnet.training import backbone_layer_names, build_model
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"

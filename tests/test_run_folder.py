@@ -19,8 +19,10 @@ import pytest
 from click.testing import CliRunner
 
 from kpnet.cli import main
+from kpnet.data.sources import load_data
 from kpnet.recipe import load_recipe
-from kpnet.train import RunFolderError, check_run_folder, fit, nonfinite_weights
+from kpnet.run_folder import RunFolderError
+from kpnet.training import check_run_folder, fit, nonfinite_weights
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
@@ -139,8 +141,6 @@ def test_settings_that_may_change_on_resume_pass(finished, tiny, capsys):
         "loss.top_k=1", "evaluation.pck_thresholds=[0.2]", "evaluation.batch_size=4",
         "export.saved_model=true", "data.on_error=skip",
     ]  # fmt: skip
-    from kpnet.train import load_data
-
     recipe = load_recipe(QUICKSTART, [*tiny, *free])
     check_run_folder(recipe, finished)  # the recipe keys
     log = capsys.readouterr().out
@@ -151,8 +151,6 @@ def test_settings_that_may_change_on_resume_pass(finished, tiny, capsys):
 
 def test_spec_or_codec_file_difference_is_refused(finished, tiny, tmp_path):
     recipe = load_recipe(QUICKSTART, tiny)
-    from kpnet.train import load_data
-
     spec = load_data(recipe)[0]
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)
@@ -199,13 +197,13 @@ def test_bad_data_neither_creates_a_folder_nor_touches_a_finished_run(finished, 
 
 
 def test_batch_size_not_dividing_replicas_writes_nothing(tmp_path, tiny, monkeypatch):
-    import kpnet.train
+    import kpnet.training.loop
 
     class TwoReplicas:
         num_replicas_in_sync = 2
         cluster_resolver = None
 
-    monkeypatch.setattr(kpnet.train, "make_strategy", lambda kind: TwoReplicas())
+    monkeypatch.setattr(kpnet.training.loop, "make_strategy", lambda kind: TwoReplicas())
     out = tmp_path / "run"
     _refused(_fit_cli(out, [*tiny, "train.batch_size=3"]), "train.batch_size",
              "does not divide over 2 replicas")  # fmt: skip
@@ -228,11 +226,12 @@ def test_nan_weights_are_never_reported_as_a_success(finished, tiny, tmp_path):
 
 
 def test_non_finite_validation_errors_are_refused():
-    from kpnet.train import TrainingError, _check_finite_metrics
+    from kpnet.training import TrainingError
+    from kpnet.training.finalize import _check_finite_metrics
 
-    _check_finite_metrics(None, Path("best.keras"), {"overall": {"mean": 1.5, "AP": None}})
+    _check_finite_metrics(Path("best.keras"), {"overall": {"mean": 1.5, "AP": None}})
     with pytest.raises(TrainingError, match=r"is nan \(mean\).*not written"):
-        _check_finite_metrics(None, Path("best.keras"), {"overall": {"mean": float("nan")}})
+        _check_finite_metrics(Path("best.keras"), {"overall": {"mean": float("nan")}})
 
 
 # --------------------------------------------------------------------------- atomic writes

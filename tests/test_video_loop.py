@@ -365,7 +365,7 @@ def test_add_video_set_keeps_the_rest_of_config_yaml(video_sets):
 def test_fit_trains_on_the_merged_project(predicted, tmp_path):
     """One tiny epoch of `kpnet fit` on old labels + the outlier frames (h5-only labels)."""
     from kpnet.recipe import load_recipe
-    from kpnet.train import fit
+    from kpnet.training import fit
 
     project = _tiny_project(tmp_path / "proj")
     args = ["outliers", str(predicted["csv"]), str(predicted["video"]), "--project",

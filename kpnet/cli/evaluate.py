@@ -19,6 +19,8 @@ import click
 
 from kpnet import fs
 from kpnet.codec import CodecError
+from kpnet.run_folder import RunFolder
+from kpnet.run_folder import model_path as resolve_model
 from kpnet.spec import COCO17_SIGMAS, SpecError
 
 
@@ -141,14 +143,12 @@ def _load(model_path, recipe_path, overrides, flip_test, detections: bool = Fals
     ``flip_test`` (when not None) overriding the recipe's ``evaluation.flip_test``.
     """
     from kpnet.data.sources import load_validation
-    from kpnet.inference import load_model, resolve_model_path
+    from kpnet.inference import load_model
     from kpnet.recipe import RecipeError, load_recipe
-
-    resolve_model_path(model_path)  # FileNotFoundError naming it, before the data loads
+    resolve_model(model_path)  # FileNotFoundError naming it, before the data loads
     if recipe_path is None:
-        folder = model_path if fs.isdir(model_path) else fs.dirname(model_path)
-        recipe_path = fs.join(folder, "recipe.resolved.yaml")
-        if not fs.isfile(recipe_path):
+        recipe_path = RunFolder.of(model_path).recipe_file()
+        if recipe_path is None:
             raise click.UsageError(
                 f"{model_path}: no recipe.resolved.yaml beside the model; give RECIPE"
             )
@@ -185,8 +185,7 @@ def _write_results(metrics: dict[str, Any], output: str | None, model_path: str)
     predictions = metrics.pop("predictions")
     if not fs.is_url(model_path):
         model_path = str(Path(model_path).resolve())
-    folder = model_path if fs.isdir(model_path) else fs.dirname(model_path)
-    out_dir = output or fs.join(folder, "evaluate")
+    out_dir = output or RunFolder.of(model_path).file("evaluate")
     _write_json(fs.join(out_dir, "metrics.json"), metrics)
     _write_json(fs.join(out_dir, "predictions.json"), predictions)
     click.echo(f"wrote {fs.join(out_dir, 'metrics.json')} and "

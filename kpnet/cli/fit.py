@@ -13,7 +13,7 @@ renamed over the old one).
 Resuming: when the folder already holds a trained run (a backup, ``last.keras``,
 ``best.keras``, ``keypoints.keras`` or ``metrics.json``), the recipe is compared with its
 ``recipe.resolved.yaml``, ``spec.json`` and ``codec.json`` first. Keys that define the model
-or its data (:data:`kpnet.train.LOCKED_KEYS`) must be the same: every ``data.*`` key but
+or its data (:data:`kpnet.run_folder.LOCKED_KEYS`) must be the same: every ``data.*`` key but
 ``data.on_error`` (source, paths, spec, crop mode, padding), every ``model.*`` key (backbone,
 head, alpha, weights, input size, pyramid channels, init_from, bn_momentum), the codec's sigmas and
 decoding (``loss.global_sigmas``, ``loss.refine_sigma``, ``evaluation.decode`` /
@@ -69,8 +69,9 @@ def fit(recipe: str, output: str | None, overrides: tuple[str, ...]) -> None:
         loaded = load_recipe(recipe, overrides, check_files=True)
         _check_weights(loaded)  # before loading any data
         out = output or Path("runs") / Path(recipe).stem  # -o may be a URL: kept a string
-        from kpnet.train import RunFolderError, TrainingError
-        from kpnet.train import fit as run_fit
+        from kpnet.run_folder import RunFolderError
+        from kpnet.training import TrainingError
+        from kpnet.training import fit as run_fit
 
         try:
             result = run_fit(loaded, out)

@@ -51,6 +51,7 @@ from kpnet import fs
 from kpnet.data.check import LoadReport, Records, check_on_error
 from kpnet.data.coco import guess_flip_pairs
 from kpnet.data.dlc_output import parse_header, read_csv_rows, read_h5_table
+from kpnet.data.images import probe
 from kpnet.data.records import DataError, InstanceRecord
 from kpnet.spec import KeypointSpec, SpecError
 
@@ -233,7 +234,7 @@ def split_dlc(
         val_images = _named_frames(images, val_frames) | _last_frames(images, val_last)
     elif val_fraction <= 0 or len(images) < 2:
         val_images = set()
-    else:  # the same draw as kpnet.train.split_by_image, so old splits stay as they were
+    else:  # the same draw as kpnet.data.sources.split_by_image, so old splits stay as they were
         rng = np.random.default_rng(seed)
         n_val = min(max(1, round(val_fraction * len(images))), len(images) - 1)
         val_images = set(rng.permutation(images)[:n_val].tolist())
@@ -532,11 +533,9 @@ def _box(kp: np.ndarray, size: tuple[int, int], mode: str, margin: float):
 
 
 def image_size(path: PathLike) -> tuple[int, int] | None:
-    """(height, width) from the image header (no full decode), or None if unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
+    """(height, width) from the image header (:func:`kpnet.data.images.probe`, no decode),
+    or None if unreadable."""
     try:
-        with fs.open_file(path, "rb") as f, Image.open(f) as im:
-            return int(im.height), int(im.width)
-    except (*fs.io_errors(), UnidentifiedImageError):
+        return probe(path).hw
+    except DataError:
         return None
