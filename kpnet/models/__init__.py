@@ -1,8 +1,7 @@
 """Heatmap models: backbones, the CPN, SimpleBaseline and HRNet heads, head re-targeting."""
 
 from kpnet.models.backbones import BACKBONES, BackboneWeightsError, build_backbone
-from kpnet.models.cpn import build_cpn
-from kpnet.models.heads import HEADS, build_heatmap_model, head_outputs
+from kpnet.models.heads import HEADS, build_cpn, build_heatmap_model, head_outputs
 from kpnet.models.retarget import RetargetReport, retarget, transfer_weights
 
 __all__ = [

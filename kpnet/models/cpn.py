@@ -9,9 +9,13 @@ concatenates them and predicts the refined heatmaps. Every head outputs float32 
 Layer names record the architecture (``conv4_block23_out`` = ResNet-101, ``tiny_*`` = tiny,
 ``global_lateral_p2_conv.filters`` = pyramid width), which :mod:`kpnet.models.retarget` reads.
 
+The model itself is built by :func:`kpnet.models.heads.build_cpn` (any trunk, this head).
+
 Example:
-    >>> model = build_cpn(2, input_shape=(64, 64, 3), backbone="tiny", pyramid_channels=32)
-    >>> {k: tuple(v.shape[1:]) for k, v in model.output.items()}["refine"]
+    >>> images = keras.Input((64, 64, 3))
+    >>> feats = [keras.layers.Conv2D(8, 1, strides=s)(images) for s in (4, 8, 16, 32)]
+    >>> pyramid, heatmaps = global_net(feats, 2, 16)
+    >>> [tuple(h.shape[1:]) for h in heatmaps][0]
     (16, 16, 2)
 """
 
@@ -22,48 +26,11 @@ from collections.abc import Sequence
 import keras
 from keras import layers
 
-from kpnet.models.backbones import DEFAULT_BN_MOMENTUM
-
 LEVELS: tuple[int, ...] = (2, 3, 4, 5)  # pyramid levels, finest (stride 4) first
 OUTPUT_STRIDE = 4
 _BN_EPS = 1e-5
 #: Initial scale of the heads' final BatchNormalization (see :func:`_head_bn`).
 HEAD_BN_SCALE = 0.1
-
-
-def build_cpn(
-    num_channels: int,
-    input_shape: Sequence[int] = (256, 192, 3),
-    backbone: str = "resnet50",
-    backbone_weights: str | None = None,
-    pyramid_channels: int = 256,
-    name: str = "cpn",
-    bn_momentum: float = DEFAULT_BN_MOMENTUM,
-) -> keras.Model:
-    """Build a CPN heatmap model.
-
-    Args:
-        num_channels: heatmap channels C (``spec.num_channels``).
-        input_shape: (H, W, 3); H and W must divide by 32.
-        backbone: one of :data:`kpnet.models.backbones.BACKBONES`.
-        backbone_weights: None, ``"imagenet"`` or a local ``.h5``/``.weights.h5`` file.
-        pyramid_channels: GlobalNet/RefineNet width (256 in the paper; smaller for tiny models).
-        name: model name.
-        bn_momentum: moving-average momentum of every BatchNormalization layer, trunk
-            (keras.applications ResNets included) and heads.
-
-    Returns:
-        A ``keras.Model`` taking RGB 0..255 images [B, H, W, 3] and returning a dict of float32
-        heatmaps [B, H/4, W/4, C] keyed by ``OUTPUT_NAMES``.
-    """
-    from kpnet.models.heads import build_heatmap_model
-
-    if int(pyramid_channels) < 2 or int(pyramid_channels) % 2:
-        raise ValueError(f"build_cpn: pyramid_channels must be even, got {pyramid_channels}")
-    return build_heatmap_model(
-        num_channels, input_shape, backbone, "cpn", backbone_weights, pyramid_channels,
-        name=name, bn_momentum=bn_momentum,
-    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- GlobalNet

@@ -157,3 +157,36 @@ def _final_conv(x, num_channels: int):
         num_channels, 1, kernel_initializer=keras.initializers.RandomNormal(stddev=_FINAL_STD),
         name="refine_head_conv",
     )(x)  # fmt: skip
+
+
+def build_cpn(
+    num_channels: int,
+    input_shape: Sequence[int] = (256, 192, 3),
+    backbone: str = "resnet50",
+    backbone_weights: str | None = None,
+    pyramid_channels: int = 256,
+    name: str = "cpn",
+    bn_momentum: float = DEFAULT_BN_MOMENTUM,
+) -> keras.Model:
+    """Build a CPN heatmap model.
+
+    Args:
+        num_channels: heatmap channels C (``spec.num_channels``).
+        input_shape: (H, W, 3); H and W must divide by 32.
+        backbone: one of :data:`kpnet.models.backbones.BACKBONES`.
+        backbone_weights: None, ``"imagenet"`` or a local ``.h5``/``.weights.h5`` file.
+        pyramid_channels: GlobalNet/RefineNet width (256 in the paper; smaller for tiny models).
+        name: model name.
+        bn_momentum: moving-average momentum of every BatchNormalization layer, trunk
+            (keras.applications ResNets included) and heads.
+
+    Returns:
+        A ``keras.Model`` taking RGB 0..255 images [B, H, W, 3] and returning a dict of float32
+        heatmaps [B, H/4, W/4, C] keyed by ``OUTPUT_NAMES``.
+    """
+    if int(pyramid_channels) < 2 or int(pyramid_channels) % 2:
+        raise ValueError(f"build_cpn: pyramid_channels must be even, got {pyramid_channels}")
+    return build_heatmap_model(
+        num_channels, input_shape, backbone, "cpn", backbone_weights, pyramid_channels,
+        name=name, bn_momentum=bn_momentum,
+    )  # fmt: skip

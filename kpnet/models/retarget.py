@@ -23,9 +23,8 @@ from pathlib import Path
 import keras
 
 from kpnet.models.backbones import LIGHT_TAPS, RESNET_TAPS
-from kpnet.models.cpn import build_cpn
 from kpnet.models.efficientnet_lite import LITE_VARIANTS, prefix
-from kpnet.models.heads import build_heatmap_model
+from kpnet.models.heads import build_cpn, build_heatmap_model
 
 #: Number of Conv2D layers in a CPN per backbone (backbone convs + 44 CPN convs); used to
 #: recognise the architecture stored in a bare ``.weights.h5`` file.
