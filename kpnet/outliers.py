@@ -48,6 +48,7 @@ import numpy as np
 from kpnet import fs
 from kpnet.data.dlc_output import H5_KEY
 from kpnet.data.records import DataError
+from kpnet.frames import announced_frames, read_video_frames, write_image
 from kpnet.tracks import DEFAULT_PCUTOFF, Tracks, check_bodyparts, filter_tracks
 
 PathLike = str | os.PathLike
@@ -246,8 +247,6 @@ def write_outlier_frames(
         present = {p.name for p in folder.glob("img*.png")} if folder.is_dir() else set()
         exclude = [i for i, f in enumerate(numbers) if frame_name(int(f), num_frames) in present]
         pick = find_outliers(tracks, n=n, exclude=exclude, **find_options)
-    from kpnet.frames import read_video_frames, write_image
-
     wanted = [int(numbers[i]) for i in pick.frames]
     if not wanted:  # no frame shows a sign: nothing to write
         return {"folder": str(folder), "frames": [], "images": [], "machinelabels": [],
@@ -273,8 +272,6 @@ def write_outlier_frames(
 
 def _frame_count(video: Path, rows: int) -> int:
     """Frames of ``video`` for the image names: its header's count, at least the table's rows."""
-    from kpnet.frames import announced_frames
-
     return max(announced_frames(video), rows, 1)
 
 

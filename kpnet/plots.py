@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from kpnet import fs
+from kpnet.frames import read_video_frames
 from kpnet.tracks import DEFAULT_PCUTOFF, Tracks
 
 PathLike = str | os.PathLike
@@ -45,8 +46,6 @@ def first_frame(video: PathLike, index: int = 0) -> np.ndarray:
         DataError: one line naming the video when OpenCV cannot open it or it has fewer
             frames.
     """
-    from kpnet.frames import read_video_frames
-
     return read_video_frames(video, [index])[0][index]
 
 

@@ -29,11 +29,18 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
+import keras
 import numpy as np
+import tensorflow as tf
+from keras import ops
 
 from kpnet.codec import Codec, crop_to_image
+from kpnet.crops import sample_crops
+from kpnet.data.pipeline import build_dataset
 from kpnet.data.records import DataError, InstanceRecord
 from kpnet.evaluate import coco_keypoint_ap, evaluate_predictions, to_coco_results
+from kpnet.frames import read_image
+from kpnet.inference import codec_of, decoder_of, with_heatmaps
 from kpnet.spec import KeypointSpec
 
 
@@ -134,8 +141,6 @@ def evaluate_detections(
 def _predict_all(model, records, spec, pipeline_config, batch_size):
     """(xy [N, K, 2], scores [N, K]) in image pixels for every record, via the eval pipeline
     (two-stage models: :class:`Predictor` on each record's whole image, as on new frames)."""
-    from kpnet.data.pipeline import build_dataset
-
     if pipeline_config.codec.mode == "two_stage":
         return _predict_frames(model, records, pipeline_config.codec, batch_size)
     dataset = build_dataset(
@@ -146,8 +151,6 @@ def _predict_all(model, records, spec, pipeline_config, batch_size):
 
 def _predict_frames(model, records, codec, batch_size):
     """Predict each record's image as a new frame (no box: the subject is found first)."""
-    from kpnet.frames import read_image
-
     items = ((i, read_image(r.image_path), None) for i, r in enumerate(records))
     xy = np.zeros((len(records), 0, 2), np.float32)
     scores = np.zeros((len(records), 0), np.float32)
@@ -166,8 +169,6 @@ def _predict(model: Any, images: Any) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _numpy(x: Any) -> np.ndarray:
-    from keras import ops
-
     return np.asarray(ops.convert_to_numpy(x))
 
 
@@ -181,8 +182,6 @@ class Predictor:
     """
 
     def __init__(self, keypoints_model: Any, codec: Codec | None = None) -> None:
-        from kpnet.inference import codec_of, decoder_of
-
         self.model = keypoints_model
         self.codec = codec or codec_of(keypoints_model)
         self.spec = decoder_of(keypoints_model).spec
@@ -232,8 +231,6 @@ class Predictor:
         order, batching crops of consecutive images (``extra``: crops and heatmaps when
         ``keep_crops``, else None). Two-stage models run both stages
         (:meth:`kpnet.codec.Codec.locate`)."""
-        from kpnet.inference import with_heatmaps
-
         model = with_heatmaps(self.model) if keep_crops else self.model
         batch: list[tuple[Any, np.ndarray, np.ndarray]] = []
         for key, image, boxes in items:
@@ -301,18 +298,12 @@ _SAMPLER: list[Any] = []
 
 def _tf_backend() -> bool:
     """True under Keras' TensorFlow backend (a model then takes the sampler's tensor as is)."""
-    import keras
-
     return keras.backend.backend() == "tensorflow"
 
 
 def _sampler():
     """:func:`kpnet.crops.sample_crops` as one traced TensorFlow function (shared)."""
     if not _SAMPLER:
-        import tensorflow as tf
-
-        from kpnet.crops import sample_crops
-
         def sample(images, matrices, output_size, index):
             return sample_crops(images, matrices, output_size, image_index=index)
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from kpnet import fs
+from kpnet.data.dlc_output import read_dlc_csv, read_h5_table, write_dlc_csv, write_dlc_h5
 from kpnet.data.records import DataError
 
 PathLike = str | os.PathLike
@@ -82,8 +83,6 @@ def read_tracks(path: PathLike) -> Tracks:
         raise DataError(f"{path}: file not found")
     if fs.basename(path).lower().endswith((".h5", ".hdf5")):
         return _read_h5(path)
-    from kpnet.data.dlc_output import read_dlc_csv
-
     table = read_dlc_csv(path)
     if table.likelihood is None:
         raise DataError(f"{path}: a label file (x, y only), not predictions with likelihoods")
@@ -96,8 +95,6 @@ def _index_value(value: str) -> str | int:
 
 
 def _read_h5(path: PathLike) -> Tracks:
-    from kpnet.data.dlc_output import read_h5_table
-
     return tracks_from_frame(read_h5_table(path), path)
 
 
@@ -131,8 +128,6 @@ def write_tracks(csv_path: PathLike, tracks: Tracks, h5: bool = True) -> list[st
     Each file is written under a temporary name and renamed, so a failure leaves no half
     file (and an older table in place).
     """
-    from kpnet.data.dlc_output import write_dlc_csv, write_dlc_h5
-
     args = (tracks.scorer, tracks.bodyparts, list(tracks.index), tracks.xy, tracks.likelihood)
     written = [write_dlc_csv(csv_path, *args)]
     if h5:
