@@ -668,6 +668,25 @@ class Codec:
         return render_heatmaps(kp, self.heatmap_size, sigma or self.refine_sigma, channels)
 
     def decode(self, heatmaps):
-        """Heatmaps -> (xy [B, C, 2] input pixels, scores [B, C]) (one peak per channel)."""
+        """Heatmaps -> (xy [B, C, 2] input pixels, scores [B, C]) (one peak per channel).
+
+        What the keypoints model's decoder layer runs (:class:`kpnet.inference.KeypointDecoder`).
+        """
         xy, scores = decode_heatmaps(heatmaps, self.method, self.refine_sigma)
+        return heatmap_to_input(xy, self.stride), scores
+
+    def decode_peaks(self, heatmaps, num_peaks: int):
+        """Heatmaps -> (xy [B, C, N, 2] input pixels, scores [B, C, N]): the ``num_peaks``
+        highest peaks of each channel (``threshold`` / ``min_distance`` apart), for channels
+        shared by several keypoints; missing peaks score 0.
+
+        Example:
+            >>> codec = Codec((64, 64), refine_sigma=1.0)
+            >>> kp = np.array([[[12.0, 20.0, 2.0], [40.0, 44.0, 2.0]]], "float32")
+            >>> xy, scores = codec.decode_peaks(codec.encode(kp, channels=[0, 0]), 2)
+            >>> sorted(np.asarray(xy[0, 0], "float64").round(1).tolist())
+            [[12.0, 20.0], [40.0, 44.0]]
+        """
+        xy, scores = decode_multi_peak(heatmaps, num_peaks, self.threshold, self.min_distance,
+                                       self.method, self.refine_sigma)  # fmt: skip
         return heatmap_to_input(xy, self.stride), scores

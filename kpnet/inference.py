@@ -121,23 +121,17 @@ class KeypointDecoder(keras.layers.Layer):
         return out
 
     def call(self, heatmaps):
-        c = self.codec
         heatmaps = ops.cast(heatmaps, "float32")
-        xy, scores = codec_lib.decode_heatmaps(heatmaps, c.method, c.refine_sigma)
+        xy, scores = self.codec.decode(heatmaps)  # input pixels
         xy, scores = xy[:, :, None], scores[:, :, None]  # [B,C,1,2], [B,C,1]
         if self.spec.shares_channels:
-            mxy, msc = codec_lib.decode_multi_peak(
-                heatmaps, self._num_peaks, c.threshold, c.min_distance, c.method, c.refine_sigma
-            )
+            mxy, msc = self.codec.decode_peaks(heatmaps, self._num_peaks)
             xy = ops.concatenate([xy, mxy], axis=2)
             scores = ops.concatenate([scores, msc], axis=2)
         rows = self.spec.num_channels * (1 + self._num_peaks)
         xy = ops.take(ops.reshape(xy, (-1, rows, 2)), self._gather, axis=1)
         scores = ops.take(ops.reshape(scores, (-1, rows)), self._gather, axis=1)
-        return {
-            "keypoints": codec_lib.heatmap_to_input(xy, c.stride),
-            "scores": ops.clip(scores, 0.0, 1.0),
-        }
+        return {"keypoints": xy, "scores": ops.clip(scores, 0.0, 1.0)}
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "spec": self.spec.to_dict(), "codec": self.codec.to_dict()}
