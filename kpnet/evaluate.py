@@ -454,28 +454,36 @@ def _pin_stats(errors: list[float], n_true: int, misses: int, fps: int) -> dict[
 
 
 # --------------------------------------------------------------------------- records -> COCO
+def instance_score(scores: np.ndarray, detection_score: float = 1.0) -> float:
+    """An instance's COCO score, as tf-cpn rescores it: the mean of its keypoint scores above
+    :data:`RESCORE_THRESHOLD` times the detection's score (0 when none passes), 6 decimals.
+
+    The one rescoring of ``kpnet evaluate`` and ``kpnet predict``.
+
+    >>> instance_score(np.array([0.9, 0.7, 0.1]), 0.5)
+    0.4
+    """
+    scores = np.asarray(scores, np.float64)
+    good = scores[scores > RESCORE_THRESHOLD]
+    return round(float(good.mean()) * float(detection_score), 6) if good.size else 0.0
+
+
 def to_coco_results(
     records: Sequence[InstanceRecord],
     pred_xy: np.ndarray,
     pred_scores: np.ndarray,
-    rescore_threshold: float = RESCORE_THRESHOLD,
 ) -> list[dict[str, Any]]:
-    """COCO keypoint results, one per record (image_id = record.image_id, category 1).
-
-    The instance score is the mean of the keypoint scores above ``rescore_threshold`` times
-    the record's (detection) score, as tf-cpn does; 0 when no keypoint passes.
-    """
+    """COCO keypoint results, one per record (image_id = record.image_id, category 1), scored
+    by :func:`instance_score` with the record's (detection) score."""
     out = []
     for rec, xy, sc in zip(records, np.asarray(pred_xy), np.asarray(pred_scores), strict=True):
         kp = np.concatenate([xy[:, :2], sc[:, None]], axis=1).astype(np.float64)
-        good = sc[sc > rescore_threshold]
-        score = float(good.mean()) * float(rec.score) if good.size else 0.0
         out.append(
             {
                 "image_id": rec.image_id,
                 "category_id": 1,
                 "keypoints": [round(float(v), 3) for v in kp.reshape(-1)],
-                "score": round(score, 6),
+                "score": instance_score(sc, rec.score),
             }
         )
     return out
