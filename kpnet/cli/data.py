@@ -20,6 +20,7 @@ import click
 
 from kpnet.codec import CROP_MODES
 from kpnet.data.check import LoadReport, Records, check_records, format_check
+from kpnet.data.images import MAX_PIXELS
 from kpnet.data.records import DataError
 from kpnet.spec import KeypointSpec
 
@@ -119,16 +120,18 @@ def data() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the report as json.")
 @click.option("--allow-outside-root", is_flag=True,
               help="Read COCO images whose file_name leaves the image folder.")  # fmt: skip
+@click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
+              help="Images declaring more pixels in their header are bad.")  # fmt: skip
 def check(
     source: str, images: str | None, decode: bool, on_error: str, as_json: bool,
-    allow_outside_root: bool,
+    allow_outside_root: bool, max_pixels: int,
 ) -> None:  # fmt: skip
     """Report what SOURCE holds and what is wrong with it.
 
     Exit code 1 when records are bad or no usable record is left (``kpnet fit`` would refuse).
     """
     spec, records = _load_or_fail(source, images, on_error, allow_outside_root)
-    report = check_records(records, spec, decode=decode)
+    report = check_records(records, spec, decode=decode, max_pixels=max_pixels)
     if as_json:
         load = {"kept": records.report.kept, "skipped": dict(records.report.skipped)}
         click.echo(json.dumps({"load": load, **report}, indent=1))
@@ -140,8 +143,9 @@ def check(
             f"{records.report.summary()}: no usable record, `kpnet fit` would refuse this data"
         )
     problems = (
-        _bad_count(records.report) + report["missing_files"] + (report["corrupt_images"] or 0)
-    )
+        _bad_count(records.report) + report["missing_files"] + report["too_large"]
+        + (report["corrupt_images"] or 0)
+    )  # fmt: skip
     if problems:
         raise SystemExit(1)
 

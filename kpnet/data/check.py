@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from kpnet.data.images import MAX_PIXELS, probe, too_large
 from kpnet.data.records import DataError, InstanceRecord
 from kpnet.spec import KeypointSpec
 
@@ -111,29 +112,37 @@ def outside_root(root: str | os.PathLike, path: str | os.PathLike) -> bool:
 
 
 def check_records(
-    records: Sequence[InstanceRecord], spec: KeypointSpec, decode: bool = False
-) -> dict[str, Any]:
+    records: Sequence[InstanceRecord], spec: KeypointSpec, decode: bool = False,
+    max_pixels: int = MAX_PIXELS,
+) -> dict[str, Any]:  # fmt: skip
     """Count images, instances, labelled keypoints and problems in ``records``.
+
+    Image sizes come from the file headers (:func:`kpnet.data.images.probe`; the records'
+    sizes when a header gives none); an image whose header declares more than
+    ``max_pixels`` is counted as too large and never decoded.
 
     Args:
         records: instance records from any source.
         spec: the keypoint spec (names the per-keypoint counts).
         decode: also decode every image in full (TensorFlow, as training does) to find
             corrupt or truncated files and learn unknown image sizes (slow on large sets).
+        max_pixels: the pixel limit (``kpnet data check --max-pixels``, ``data.max_pixels``).
 
     Returns:
         dict with ``images``, ``instances``, ``labelled`` / ``coverage`` (per keypoint name),
         ``visible``, ``occluded``, ``unlabelled``, ``out_of_image`` (labelled points outside
         the image), ``boxes_out_of_image``, ``zero_area_boxes``, ``missing_files``,
-        ``unknown_size``, ``corrupt_images`` (None unless ``decode``) and ``examples``.
+        ``too_large`` (images over ``max_pixels``), ``unknown_size``, ``corrupt_images``
+        (None unless ``decode``) and ``examples``.
     """
     k = spec.num_keypoints
     vis = np.zeros((0, k), np.float32)
     if records:
         vis = np.stack([_keypoints(r, k)[:, 2] for r in records])
-    sizes = _image_sizes(records, decode)
+    sizes = _image_sizes(records, decode, max_pixels)
     missing = sorted({p for p, s in sizes.items() if s == "missing"})
     corrupt = sorted(f"{p}: {s}" for p, s in sizes.items() if isinstance(s, _Corrupt))
+    large = sorted(f"{p}: {s}" for p, s in sizes.items() if isinstance(s, _TooLarge))
     out_pts, out_boxes, zero_area, unknown, num_out = [], [], [], 0, 0
     for r in records:
         size = sizes.get(r.image_path)
@@ -164,6 +173,7 @@ def check_records(
         "boxes_out_of_image": len(out_boxes),
         "zero_area_boxes": len(zero_area),
         "missing_files": len(missing),
+        "too_large": len(large),
         "unknown_size": unknown,
         "corrupt_images": len(corrupt) if decode else None,
         "examples": {
@@ -173,6 +183,7 @@ def check_records(
                 ("boxes_out_of_image", out_boxes),
                 ("zero_area_boxes", zero_area),
                 ("missing_files", missing),
+                ("too_large", large),
                 ("corrupt_images", corrupt),
             )
             if vals
@@ -200,6 +211,7 @@ def format_check(report: dict[str, Any], spec: KeypointSpec) -> str:
         f"boxes off image   {report['boxes_out_of_image']}",
         f"zero-area boxes   {report['zero_area_boxes']}",
         f"missing files     {report['missing_files']}",
+        f"over pixel limit  {report['too_large']}",
         f"unknown size      {report['unknown_size']}",
         f"corrupt images    {'not checked (use --decode)' if corrupt is None else corrupt}",
     ]
@@ -217,23 +229,43 @@ def _keypoints(record: InstanceRecord, k: int) -> np.ndarray:
     return kp
 
 
-def _image_sizes(records: Sequence[InstanceRecord], decode: bool) -> dict[str, Any]:
-    """image path -> (h, w), "missing", :class:`_Corrupt` (why) or None (size unknown)."""
+def _image_sizes(
+    records: Sequence[InstanceRecord], decode: bool, max_pixels: int
+) -> dict[str, Any]:
+    """image path -> (h, w), "missing", :class:`_TooLarge` / :class:`_Corrupt` (why) or None
+    (size unknown)."""
     sizes: dict[str, Any] = {}
     for r in records:
-        if r.image_path in sizes:
-            continue
-        if not os.path.isfile(r.image_path):
-            sizes[r.image_path] = "missing"
-        elif decode:
-            sizes[r.image_path] = _decoded_size(r.image_path)
-        else:
-            sizes[r.image_path] = tuple(r.image_size) if r.image_size else None
+        if r.image_path not in sizes:
+            sizes[r.image_path] = _image_size(r, decode, max_pixels)
     return sizes
+
+
+def _image_size(record: InstanceRecord, decode: bool, max_pixels: int) -> Any:
+    """One image's entry of :func:`_image_sizes`: the header first, so an image over the
+    limit is never decoded."""
+    path = record.image_path
+    if not os.path.isfile(path):
+        return "missing"
+    try:
+        header = probe(path)
+    except DataError:  # decoding says why (below), or the record's size stands
+        header = None
+    if header is not None and (why := too_large(header, max_pixels, "--max-pixels")):
+        return _TooLarge(why)
+    if decode:
+        return _decoded_size(path)
+    if header is not None:
+        return header.hw
+    return tuple(record.image_size) if record.image_size else None
 
 
 class _Corrupt(str):
     """Why an image file cannot be decoded."""
+
+
+class _TooLarge(str):
+    """Why an image file is over the pixel limit."""
 
 
 def _decoded_size(path: str) -> tuple[int, int] | _Corrupt:

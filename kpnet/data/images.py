@@ -20,7 +20,7 @@ Example:
     (ImageHeader(format='png', height=20000, width=20000), 400000000)
     >>> print(too_large(header, MAX_PIXELS))
     the image is 20000x20000 = 400,000,000 pixels, over the limit of 178,956,970 \
-(data.max_pixels); shrink the image, or raise data.max_pixels if you trust the file
+(data.max_pixels); shrink it, or raise data.max_pixels if you trust the file
 """
 
 from __future__ import annotations
@@ -126,16 +126,17 @@ def probe(path: PathLike) -> ImageHeader:
 
 
 def too_large(
-    header: ImageHeader | tuple[int, int], max_pixels: int, setting: str = "data.max_pixels"
-) -> str | None:
+    header: ImageHeader | tuple[int, int], max_pixels: int, setting: str = "data.max_pixels",
+    what: str = "the image",
+) -> str | None:  # fmt: skip
     """Why an image (a header or (H, W)) is too large to decode, or None when it is not;
-    ``setting`` is the recipe key or option that raises the limit."""
+    ``setting`` is the recipe key or option that raises the limit, ``what`` the subject."""
     h, w = header.hw if isinstance(header, ImageHeader) else (int(v) for v in header)
     if h * w <= max_pixels:
         return None
     return (
-        f"the image is {w}x{h} = {h * w:,} pixels, over the limit of {max_pixels:,} "
-        f"({setting}); shrink the image, or raise {setting} if you trust the file"
+        f"{what} is {w}x{h} = {h * w:,} pixels, over the limit of {max_pixels:,} "
+        f"({setting}); shrink it, or raise {setting} if you trust the file"
     )
 
 

@@ -42,7 +42,8 @@ Cost on coco_mini (3.1 instances per image, 256x192 crops, one core): ~2.6 ms pe
 colour jitter costs ~0.13 ms (``benchmarks/pipeline.py``).
 
 Errors: records are checked up front (keypoint shapes; every image file exists, is
-non-empty, is a JPEG or PNG, and a file without an end marker is test-decoded); a failure
+non-empty, is a JPEG or PNG, declares at most ``PipelineConfig.max_pixels`` pixels in its
+header (:mod:`kpnet.data.images`), and a file without an end marker is test-decoded); a failure
 raises :class:`kpnet.data.DataError` naming the file and the record, or with
 ``on_error="skip"`` drops the file's records with a warning. A file that passes these checks
 but still fails to decode inside tf.data raises TensorFlow's decode error (``"skip"`` ignores
@@ -65,12 +66,14 @@ import tensorflow as tf
 from kpnet import codec, fs
 from kpnet.crops import reduced_matrices, reduction_ratios, sample_crops
 from kpnet.data import augment as aug
+from kpnet.data import images
+from kpnet.data.images import MAX_PIXELS
 from kpnet.data.records import DataError, InstanceRecord, RecordTable
 from kpnet.spec import KeypointSpec
 
 log = logging.getLogger(__name__)
 
-_JPEG, _PNG = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"
+_JPEG, _PNG = images.JPEG_MAGIC, images.PNG_MAGIC
 AUTOTUNE = tf.data.AUTOTUNE
 
 
@@ -90,6 +93,8 @@ class PipelineConfig:
             sampling the full image); False always decodes at full resolution. Evaluation
             crops always come from :func:`kpnet.crops.sample_crops`, as in predict and the
             SavedModel.
+        max_pixels: images whose header (or record size) declares more pixels are bad
+            files, refused or skipped (``on_error``) before anything decodes them.
     """
 
     codec: codec.Codec = field(default_factory=codec.Codec)
@@ -97,6 +102,7 @@ class PipelineConfig:
     shuffle_buffer: int = 256
     fill_value: int = 0
     reduced_decode: bool = True
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self) -> None:
         if isinstance(self.codec, Mapping):
@@ -232,56 +238,46 @@ def _table_arrays(t: RecordTable, k: int) -> _Columns:
                     entry[inverse.reshape(-1)], sizes, image_ids, record_ids, scores)  # fmt: skip
 
 
-_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # JPEG start-of-frame markers
+def _inspect(path: str, max_pixels: int = MAX_PIXELS) -> tuple[str | None, tuple[int, int], bool]:
+    """(why the image file is unusable or None, (H, W), is JPEG); cheap: header + tail.
 
-
-def _jpeg_hw(f) -> tuple[int, int] | None:
-    """(H, W) from a JPEG's start-of-frame segment (seeks over the others), or None."""
-    f.seek(2)
-    while True:
-        marker = f.read(4)
-        if len(marker) < 4 or marker[0] != 0xFF or marker[1] in (0xD9, 0xDA):
-            return None
-        if marker[1] == 0xFF:  # fill byte
-            f.seek(-3, os.SEEK_CUR)
-            continue
-        if marker[1] in _SOF:
-            sof = f.read(5)
-            return (int.from_bytes(sof[1:3], "big"), int.from_bytes(sof[3:5], "big"))
-        f.seek(int.from_bytes(marker[2:4], "big") - 2, os.SEEK_CUR)
-
-
-def _inspect(path: str) -> tuple[str | None, tuple[int, int], bool]:
-    """(why the image file is unusable or None, (H, W), is JPEG); cheap: header + tail."""
+    An image whose header declares more than ``max_pixels`` is refused before any decode.
+    """
     try:
         size = fs.size(path)
         with fs.open_file(path, "rb") as f:
-            head = f.read(24)
-            hw = _jpeg_hw(f) if head.startswith(_JPEG) else None
+            header = images.read_header(f)
+            f.seek(0)
+            head = f.read(8)
             f.seek(max(size - 12, 0))
             tail = f.read()
     except OSError as err:
         return f"cannot read the image file ({err.strerror or err})", (0, 0), False
     except tf.errors.OpError as err:  # a URL (tf.io.gfile)
         return f"cannot read the image file ({err.message.splitlines()[0]})", (0, 0), False
-    is_jpeg = head.startswith(_JPEG)
     if size == 0:
         return "the image file is empty", (0, 0), False
-    if is_jpeg:
-        ok_end = tail.endswith(b"\xff\xd9")
-    elif head.startswith(_PNG):
-        ok_end = b"IEND" in tail
-        hw = (int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big"))
-    else:
+    fmt = header.format if header else _signature(head)
+    if fmt not in ("jpeg", "png"):
         return "not a JPEG or PNG file (convert it to one of those)", (0, 0), False
-    if not ok_end or not hw or min(hw) <= 0:  # truncated, or trailing bytes: try it
+    too_large = images.too_large(header, max_pixels) if header else None
+    if too_large:
+        return too_large, (0, 0), False
+    ok_end = tail.endswith(b"\xff\xd9") if fmt == "jpeg" else b"IEND" in tail
+    hw = header.hw if header else None
+    if not ok_end or not hw:  # truncated, or trailing bytes: try it
         try:
             image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         except (tf.errors.OpError, ValueError) as err:
             why = err.message.splitlines()[0]
             return f"the image is corrupt or truncated ({why})", (0, 0), False
         hw = tuple(int(v) for v in image.shape[:2])
-    return None, hw, is_jpeg
+    return None, hw, fmt == "jpeg"
+
+
+def _signature(head: bytes) -> str | None:
+    """``jpeg`` or ``png`` by a file's first bytes (a header too damaged to give a size)."""
+    return "jpeg" if head.startswith(_JPEG) else "png" if head.startswith(_PNG) else None
 
 
 #: ``check_images=None`` opens every image up front only up to this many image files;
@@ -290,25 +286,47 @@ CHECK_IMAGES_LIMIT = 10_000
 
 
 def _check_files(
-    cols: _Columns, records: Sequence[InstanceRecord], on_error: str, check: bool | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    cols: _Columns, records: Sequence[InstanceRecord], on_error: str, check: bool | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
     """(indices of records with a usable image, then per path of ``cols.paths``: (H, W)
     [P, 2], is JPEG [P], usable [P]); DataError naming the first record of a bad file.
 
     ``check`` False (None: more than :data:`CHECK_IMAGES_LIMIT` files) takes sizes from the
     records' ``image_size`` and JPEG / PNG from the file name, opening no file, when every
     record has a size and a ``.jpg`` / ``.jpeg`` / ``.png`` name (else it opens them all).
+    Images over ``max_pixels`` (by their header, or that record size) are bad files too.
     """
-    paths, n = cols.paths, len(cols)
+    paths = cols.paths
+    known = None
     if check is False or (check is None and len(paths) > CHECK_IMAGES_LIMIT):
         known = _known_sizes(cols)
-        if known is not None:
-            return np.arange(n, dtype=np.int64), *known, np.ones(len(paths), bool)
-    order = sorted(range(len(paths)), key=paths.__getitem__)
-    with ThreadPoolExecutor(8) as pool:
-        found = dict(zip(order, pool.map(_inspect, [paths[j] for j in order]), strict=True))
-    bad = {j: why for j, (why, _, _) in found.items() if why}
-    usable = np.ones(len(paths), bool)
+    if known is not None:
+        hw, jpeg = known
+        over = np.flatnonzero(hw.astype(np.int64).prod(1) > max_pixels)
+        bad = {int(j): images.too_large(hw[j], max_pixels) for j in over}
+    else:
+        order = sorted(range(len(paths)), key=paths.__getitem__)
+        inspect = functools.partial(_inspect, max_pixels=max_pixels)
+        with ThreadPoolExecutor(8) as pool:
+            found = dict(zip(order, pool.map(inspect, [paths[j] for j in order]), strict=True))
+        bad = {j: why for j, (why, _, _) in found.items() if why}
+        hw = np.zeros((len(paths), 2), np.int32)
+        jpeg = np.zeros(len(paths), bool)
+        for j, (why, size, is_jpeg) in found.items():
+            if not why:
+                hw[j], jpeg[j] = size, is_jpeg
+    keep, usable = _drop_bad(cols, records, bad, on_error)
+    return keep, hw, jpeg, usable
+
+
+def _drop_bad(
+    cols: _Columns, records: Sequence[InstanceRecord], bad: dict[int, str], on_error: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the records whose file is not in ``bad``, usable [P]); with
+    ``on_error="raise"`` a bad file is a DataError naming its first record, else a warning
+    names the first few bad files and counts the records skipped."""
+    usable = np.ones(len(cols.paths), bool)
     usable[list(bad)] = False
     if bad and on_error == "raise":
         i = int(np.argmin(usable[cols.path_index]))
@@ -316,19 +334,20 @@ def _check_files(
         more = f" ({len(bad) - 1} more bad files)" if len(bad) > 1 else ""
         raise DataError(
             f"{first.describe()}: {why}: {first.image_path}{more}. "
-            "Fix or remove the file, or pass on_error='skip'"
+            "Fix or remove the file, or skip it (on_error='skip'; in a recipe data.on_error: "
+            "skip)"
         )
     keep = np.flatnonzero(usable[cols.path_index]).astype(np.int64)
     if bad:
-        j, why = next(iter(bad.items()))
-        log.warning("skipping %d records of %d unusable image files (first: %s: %s)",
-                    n - len(keep), len(bad), paths[j], why)  # fmt: skip
-    hw = np.zeros((len(paths), 2), np.int32)
-    jpeg = np.zeros(len(paths), bool)
-    for j, (why, size, is_jpeg) in found.items():
-        if not why:
-            hw[j], jpeg[j] = size, is_jpeg
-    return keep, hw, jpeg, usable
+        named = "; ".join(f"{cols.paths[j]}: {why}" for j, why in list(bad.items())[:MAX_NAMED])
+        more = f"; and {len(bad) - MAX_NAMED} more" if len(bad) > MAX_NAMED else ""
+        log.warning("skipping %d records of %d unusable image files: %s%s",
+                    len(cols) - len(keep), len(bad), named, more)  # fmt: skip
+    return keep, usable
+
+
+#: How many bad image files a skip warning names.
+MAX_NAMED = 5
 
 
 def _known_sizes(cols: _Columns) -> tuple[np.ndarray, np.ndarray] | None:
@@ -765,7 +784,9 @@ def build_dataset(
     shuffle = training if shuffle is None else bool(shuffle)
     drop_remainder = training if drop_remainder is None else bool(drop_remainder)
     cols = _record_arrays(records, spec)
-    keep, hw, is_jpeg, usable = _check_files(cols, records, on_error, check_images)
+    keep, hw, is_jpeg, usable = _check_files(
+        cols, records, on_error, check_images, config.max_pixels
+    )
     groups = _group(cols, keep, consecutive=not shuffle)
     if not len(groups):
         raise DataError("build_dataset: every record's image file is unusable")

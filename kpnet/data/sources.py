@@ -43,7 +43,7 @@ def pipeline_config(recipe: Recipe):
         )
     except (ValueError, TypeError, AttributeError) as err:
         raise recipe.error("augment", str(err)) from None
-    return PipelineConfig(codec=recipe.codec(), augment=augment)
+    return PipelineConfig(codec=recipe.codec(), augment=augment, max_pixels=recipe.data.max_pixels)
 
 
 def load_data(
