@@ -53,6 +53,7 @@ from kpnet.codec import (
     DEFAULT_WHOLE_FRACTION,
     Codec,
 )
+from kpnet.data.images import MAX_PIXELS
 from kpnet.models.backbones import BACKBONES, IMAGENET_BACKBONES, MOBILENET_ALPHAS
 from kpnet.models.heads import HEADS, check_head
 from kpnet.spec import KeypointSpec, SpecError
@@ -199,6 +200,8 @@ class DataSection(_Strict):
     train_box_extend: float = Field(DEFAULT_TRAIN_BOX_EXTEND, gt=0.0)
     whole_fraction: float = Field(DEFAULT_WHOLE_FRACTION, ge=0.0, le=1.0)
     on_error: Literal["raise", "skip"] = "raise"
+    # images whose header declares more pixels are bad files (refused, or skipped by on_error)
+    max_pixels: int = Field(MAX_PIXELS, gt=0)
 
     @field_validator("spec")
     @classmethod
@@ -456,12 +459,36 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     if not found:
         raise RecipeError(f"{path}: recipe file not found; check the path")
     try:
-        raw = yaml.safe_load(fs.read_text(path))
+        data = fs.read_bytes(path)
+    except fs.io_errors() as err:
+        reason = getattr(err, "strerror", None) or fs.reason(err)
+        raise RecipeError(f"{path}: cannot read the recipe ({reason})") from None
+    try:
+        raw = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise RecipeError(
+            f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at offset {err.start}, "
+            f"line {line}); save the recipe as UTF-8"
+        ) from None
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        raise RecipeError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping with a 'data' section")
+        kind = {str: "string", list: "list", bool: "boolean"}.get(type(raw), "number")
+        what = "empty" if raw is None else f"a YAML {kind}, not a mapping"
+        raise RecipeError(
+            f"{path}: the recipe is {what}; a recipe is a mapping of sections (data:, model:, "
+            "train:, ...) with at least a 'data' section"
+        )
     return raw
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error on one line: what is wrong, and where (line and column)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or " ".join(str(err).split())
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{problem}{where}"
 
 
 def _parse_override(item: str, path: Path) -> tuple[str, Any]:
