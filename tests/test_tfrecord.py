@@ -232,6 +232,26 @@ def test_bad_sets_get_one_line_errors(tmp_path):
         "skipped_records"] == 1  # fmt: skip
 
 
+def test_a_failed_write_leaves_no_temporary_shard(tmp_path, monkeypatch):
+    """An error while a shard is written (disk full, an image gone) leaves no ``.tmp`` file
+    and no index, so the folder is not taken for a set."""
+    records = _images(str(tmp_path / "images"), 4)
+    read = fs.read_bytes
+    calls = []
+
+    def fail_on_the_third(path):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        return read(path)
+
+    monkeypatch.setattr(fs, "read_bytes", fail_on_the_third)
+    out = tmp_path / "tfr"
+    with pytest.raises(OSError, match="No space left"):
+        write_tfrecords(records, SPEC, str(out), shards=2)
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000-of-00002.tfrecord"]
+
+
 @pytest.mark.slow  # about 40 s on 2 cores
 def test_cli_convert_to_tfrecord_and_fit_from_it(tmp_path):
     from kpnet.data.synthetic import ensure_synthetic_pins

@@ -28,6 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from kpnet import fs
 from kpnet.spec import KeypointSpec
 
 PIN_NAMES = ("pin_left", "pin_right")
@@ -119,15 +120,16 @@ def ensure_synthetic_pins(
     if not (root / "done").is_file():
         root.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root.parent))
-        for index, (split, count) in enumerate(splits.items()):
-            write_split(tmp, split, count, (h, w), (seed, index), max_rotation)
-        (tmp / "done").write_text("ok\n")
         try:
+            for index, (split, count) in enumerate(splits.items()):
+                write_split(tmp, split, count, (h, w), (seed, index), max_rotation)
+            fs.write_atomic(tmp / "done", "ok\n")
             tmp.rename(root)
         except OSError:  # another process finished first (or a stale folder): keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
             if not (root / "done").is_file():
                 raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed; else a partial set
     return paths
 
 
@@ -155,8 +157,7 @@ def write_split(
     category = {"id": 1, "name": "part", "supercategory": "part",
                 "keypoints": list(PIN_NAMES), "skeleton": [[1, 2]]}  # fmt: skip
     coco = {"images": images, "annotations": annotations, "categories": [category]}
-    with open(root / "annotations" / f"{split}.json", "w", encoding="utf-8") as f:
-        json.dump(coco, f)
+    fs.write_atomic(root / "annotations" / f"{split}.json", json.dumps(coco))
 
 
 # --------------------------------------------------------------------------- geometry

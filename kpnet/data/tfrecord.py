@@ -187,15 +187,19 @@ def write_tfrecords(
         name = f"shard-{s:05d}-of-{len(runs):05d}.tfrecord"
         tmp = fs.join(out, f".{name}.{token}.tmp")
         count = 0
-        with tf.io.TFRecordWriter(tmp) as writer:
-            for g in range(start, end):
-                hw = tuple(sizes[groups.path_index[g]].tolist())
-                size_counts[hw] = size_counts.get(hw, 0) + 1
-                members = groups.members[splits[g] : splits[g + 1]]
-                data = fs.read_bytes(paths[g])
-                writer.write(_example(data, paths[g], hw, members, cols))
-                count += len(members)
-        fs.rename(tmp, fs.join(out, name))
+        try:  # TFRecordWriter streams to URLs itself: a temporary name, renamed when complete
+            with tf.io.TFRecordWriter(tmp) as writer:
+                for g in range(start, end):
+                    hw = tuple(sizes[groups.path_index[g]].tolist())
+                    size_counts[hw] = size_counts.get(hw, 0) + 1
+                    members = groups.members[splits[g] : splits[g + 1]]
+                    data = fs.read_bytes(paths[g])
+                    writer.write(_example(data, paths[g], hw, members, cols))
+                    count += len(members)
+            fs.rename(tmp, fs.join(out, name))
+        finally:
+            if fs.exists(tmp):  # a failed shard leaves no .tmp file behind
+                fs.remove(tmp)
         entries.append({"file": name, "images": end - start, "records": count,
                         "bytes": int(sum(nbytes[start:end]))})  # fmt: skip
     common = sorted(size_counts.items(), key=lambda kv: -kv[1])
