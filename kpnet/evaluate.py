@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from kpnet.data.coco import read_json
 from kpnet.data.records import DataError, InstanceRecord
 from kpnet.spec import COCO17_SIGMAS, KeypointSpec
 
@@ -105,13 +105,7 @@ def _name(obj: Any, what: str) -> str:
 def _load_json(obj: Any, name: str) -> Any:
     if not isinstance(obj, (str, Path)):
         return copy.deepcopy(obj)
-    path = Path(obj)
-    if not path.is_file():
-        raise DataError(f"{name}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DataError(f"{name}: not valid JSON ({err})") from None
+    return read_json(obj)
 
 
 def _prepare_gt(data: Any, name: str) -> tuple[dict[str, Any], int]:

@@ -90,7 +90,7 @@ def load_coco_records(
     if boxes_file is None:
         records = _gt_records(coco, cat["id"], spec, image_dir, report, on_error)
     else:
-        dets = _read_json(boxes_file)
+        dets = read_json(boxes_file)
         if not isinstance(dets, list):
             raise DataError(f"{boxes_file}: expected a list of COCO detection results")
         report.source = str(boxes_file)
@@ -215,7 +215,14 @@ def _parse(text: str, path: PathLike, object_hook: Any = None) -> Any:
             gc.enable()
 
 
-def _read_json(path: PathLike) -> Any:
+def read_json(path: PathLike) -> Any:
+    """A JSON file (local or a URL, any of JSON's encodings) parsed; one DataError line
+    naming the file when it is missing or not JSON. kpnet's one JSON file reader.
+
+    >>> read_json("no/such.json")
+    Traceback (most recent call last):
+    kpnet.data.records.DataError: no/such.json: file not found
+    """
     return _parse(_read_text(path), path)
 
 
