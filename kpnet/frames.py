@@ -39,6 +39,7 @@ from typing import IO, TypeVar
 import numpy as np
 
 from kpnet import fs
+from kpnet.data.images import MAX_PIXELS, read_header, too_large
 from kpnet.data.records import DataError
 
 PathLike = str | os.PathLike
@@ -102,17 +103,36 @@ class Frame:
         return int(self.image.shape[0]), int(self.image.shape[1])
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """An input file :func:`iter_frames` could not read (``on_error="skip"``).
+
+    Attributes:
+        source: the image or video file.
+        why: one line naming the file and what is wrong. A video's frames decoded before
+            it failed (truncated) come before its ``Skipped``.
+        input: the input argument the file came from.
+    """
+
+    source: Path
+    why: str
+    input: Path | None = None
+
+
 # --------------------------------------------------------------------------- images
-def read_image(path: PathLike) -> np.ndarray:
+def read_image(
+    path: PathLike, max_pixels: int = MAX_PIXELS, setting: str = "--max-pixels"
+) -> np.ndarray:
     """RGB uint8 [H, W, 3] pixels of an image file, EXIF orientation ignored.
 
     TensorFlow decodes JPEG, PNG, GIF (first frame), BMP (and WebP on recent versions), exactly
     as the training pipeline does; other formats (TIFF, ...) go through OpenCV. 16-bit images
-    become 8-bit, grey ones RGB.
+    become 8-bit, grey ones RGB. An image whose header declares more than ``max_pixels``
+    pixels is refused before decoding (``setting``: what raises the limit, for the message).
 
     Raises:
-        DataError: one line naming the file when it is missing, empty, corrupt or in a format
-            neither decoder reads.
+        DataError: one line naming the file when it is missing, empty, over the pixel limit,
+            corrupt or in a format neither decoder reads.
 
     Example:
         >>> import tempfile, pathlib
@@ -125,14 +145,7 @@ def read_image(path: PathLike) -> np.ndarray:
         cannot decode the image (corrupt, or a format neither TensorFlow nor OpenCV reads; ...)
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: image file not found") from None
-    except OSError as err:
-        raise DataError(f"{path}: cannot read the image file ({err.strerror or err})") from None
-    if not data:
-        raise DataError(f"{path}: the image file is empty")
+    data = _image_bytes(path, max_pixels, setting)
     image, why = _decode_tf(data)
     if image is not None:
         return image
@@ -145,6 +158,25 @@ def read_image(path: PathLike) -> np.ndarray:
             "OpenCV reads; convert it to PNG or JPEG)"
         )
     return image
+
+
+def _image_bytes(path: Path, max_pixels: int, setting: str) -> bytes:
+    """The file's bytes, read only once its header is known to be within ``max_pixels``."""
+    try:
+        with open(path, "rb") as f:
+            header = read_header(f)
+            why = too_large(header, max_pixels, setting) if header else None
+            f.seek(0)
+            data = b"" if why else f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: image file not found") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read the image file ({err.strerror or err})") from None
+    if why:
+        raise DataError(f"{path}: {why}")
+    if not data:
+        raise DataError(f"{path}: the image file is empty")
+    return data
 
 
 def _decode_tf(data: bytes) -> tuple[np.ndarray | None, str | None]:
@@ -228,25 +260,41 @@ def list_inputs(inputs: Sequence[PathLike]) -> list[tuple[Path, list[Path]]]:
     return out
 
 
-def iter_frames(inputs: Sequence[PathLike]) -> Iterator[Frame]:
+def iter_frames(
+    inputs: Sequence[PathLike], on_error: str = "raise", max_pixels: int = MAX_PIXELS
+) -> Iterator[Frame | Skipped]:
     """Every frame of every input, in order: image files, folders of images, videos.
 
     All inputs are checked (:func:`list_inputs`) before the first frame is decoded, so a typo
-    in the last argument fails at once.
+    in the last argument fails at once. Images (and video frames) over ``max_pixels`` pixels
+    are refused by their header, before decoding.
+
+    ``on_error="skip"``: a file that cannot be read (an undecodable or unreadable image, one
+    over the pixel limit, a video OpenCV cannot open, without frames, or truncated) is
+    yielded as a :class:`Skipped` (naming it and why) instead of raising, and the other
+    files still follow; a truncated video's ``Skipped`` follows the frames it did decode.
 
     Raises:
-        DataError: a missing or unsupported input, an unreadable image, a video OpenCV cannot
-            open or that has no frames.
+        DataError: a missing or unsupported input; with ``on_error="raise"`` also any of the
+            files above.
     """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     listed = list_inputs(inputs)
     for item, files in listed:
         position = 0
         for path in files:
-            if is_video(path):
-                yield from _video_frames(path, item)
-            else:
-                yield Frame(path, position, path.name, read_image(path), None, item)
-                position += 1
+            try:
+                if is_video(path):
+                    yield from _video_frames(path, item, max_pixels)
+                else:
+                    position += 1  # a skipped image keeps its place: ids stay put
+                    image = read_image(path, max_pixels)
+                    yield Frame(path, position - 1, path.name, image, None, item)
+            except DataError as err:
+                if on_error == "raise":
+                    raise
+                yield Skipped(path, str(err), item)
 
 
 def _open_video(path: Path):
@@ -262,7 +310,7 @@ def _open_video(path: Path):
     return cap
 
 
-def _video_frames(path: Path, item: Path) -> Iterator[Frame]:
+def _video_frames(path: Path, item: Path, max_pixels: int = MAX_PIXELS) -> Iterator[Frame]:
     import cv2
 
     cap = _open_video(path)
@@ -270,6 +318,10 @@ def _video_frames(path: Path, item: Path) -> Iterator[Frame]:
         fps = float(cap.get(cv2.CAP_PROP_FPS) or 0.0)
         fps = fps if math.isfinite(fps) and fps > 0 else 30.0
         announced = float(cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0.0)
+        hw = (cap.get(cv2.CAP_PROP_FRAME_HEIGHT) or 0, cap.get(cv2.CAP_PROP_FRAME_WIDTH) or 0)
+        why = too_large(hw, max_pixels, "--max-pixels", what="each frame")
+        if why:
+            raise DataError(f"{path}: {why}")
         index = 0
         while True:
             ok, bgr = cap.read()
@@ -347,14 +399,16 @@ def announced_frames(video: PathLike) -> int:
         cap.release()
 
 
-def count_frames(inputs: Sequence[PathLike]) -> int | None:
+def count_frames(inputs: Sequence[PathLike], on_error: str = "raise") -> int | None:
     """Number of frames :func:`iter_frames` will yield, or None when a video does not say.
 
     Videos report ``CAP_PROP_FRAME_COUNT`` from their header (exact for most containers,
-    an estimate for some); images count one each.
+    an estimate for some); images count one each; with ``on_error="skip"`` a video OpenCV
+    cannot open counts none (:func:`iter_frames` skips it).
 
     Raises:
-        DataError: as :func:`list_inputs`, or for a video OpenCV cannot open.
+        DataError: as :func:`list_inputs`, or (``on_error="raise"``) for a video OpenCV
+            cannot open.
     """
     import cv2
 
@@ -364,7 +418,12 @@ def count_frames(inputs: Sequence[PathLike]) -> int | None:
             if not is_video(path):
                 total += 1
                 continue
-            cap = _open_video(path)
+            try:
+                cap = _open_video(path)
+            except DataError:
+                if on_error == "raise":
+                    raise
+                continue
             n = cap.get(cv2.CAP_PROP_FRAME_COUNT)
             cap.release()
             if not n or not math.isfinite(n) or n <= 0:

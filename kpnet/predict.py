@@ -27,8 +27,16 @@ Outputs:
 
 Videos stream: a background thread decodes frames (:func:`kpnet.frames.prefetch`, a bounded
 queue) while the model runs on batches of ``batch_size`` frames; a progress line shows
-frames per second. Nothing is written until every frame is done (a truncated video fails
-in one line, leaving no half file: tables are written under a temporary name and renamed).
+frames per second. Nothing is written until every frame is done (tables are written under a
+temporary name and renamed, so no half file is left).
+
+One bad file does not sink a batch: an image that cannot be read or decoded, or whose header
+declares more than ``max_pixels`` pixels (never decoded), and a video that cannot be opened
+or ends before the frame count its header announces (truncated: more than 1 % and 2 frames
+short, :data:`kpnet.frames.TRUNCATION_TOLERANCE`) are skipped with a one-line warning naming
+the file: nothing of them is written (a truncated video's rows and labelled video are
+dropped), everything else is, and the summary lists them (``"skipped"``). When every input
+is skipped nothing is written and :class:`~kpnet.data.records.DataError` says why.
 
 Scores ("likelihood") are the heatmap peak clipped to 0..1 (see
 :class:`kpnet.inference.KeypointDecoder`); keypoints are clipped to the image.
@@ -44,16 +52,41 @@ looked up in ``images_json``; a detection that matches no input image is an erro
 from __future__ import annotations
 
 import json
+import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kpnet import fs
+from kpnet.data.images import MAX_PIXELS
 from kpnet.data.records import DataError
-from kpnet.tracks import DEFAULT_PCUTOFF
+from kpnet.frames import (
+    Progress,
+    Skipped,
+    VideoWriter,
+    count_frames,
+    is_video,
+    iter_frames,
+    list_inputs,
+    prefetch,
+    write_image,
+)
+from kpnet.inference import draw_keypoints, draw_trails, heatmap_overlay, load_model
+from kpnet.runner import Predictor
+from kpnet.tracks import (
+    DEFAULT_PCUTOFF,
+    FILTERS,
+    Tracks,
+    filter_tracks,
+    filtered_path,
+    write_tracks,
+)
+
+log = logging.getLogger(__name__)
 
 RESCORE_THRESHOLD = 0.2
 PathLike = str | os.PathLike
@@ -77,6 +110,8 @@ def predict_inputs(
     skeleton: bool = True,
     filter_method: str | None = None,
     filter_window: int = 5,
+    max_pixels: int = MAX_PIXELS,
+    warn: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Predict every frame of ``inputs`` (image files, folders, videos) with ``model``.
 
@@ -87,14 +122,15 @@ def predict_inputs(
     ``pcutoff``, ``trail`` and ``skeleton`` style the drawings; ``filter_method`` (``median`` or
     ``savgol``, window ``filter_window``) also writes filtered tables.
 
-    Returns ``{"predictions", "frames", "json", "csv": [paths], "h5": [paths],
-    "filtered": [paths], "draw": [paths]}``.
-    """
-    from kpnet.frames import Progress, count_frames, iter_frames, list_inputs, prefetch
-    from kpnet.inference import load_model
-    from kpnet.runner import Predictor
-    from kpnet.tracks import FILTERS
+    Bad files are skipped (see the module docstring): ``warn`` (default: a logging warning)
+    gets one line per skipped file, naming it; images over ``max_pixels`` pixels are bad.
 
+    Returns ``{"predictions", "frames", "json", "csv": [paths], "h5": [paths],
+    "filtered": [paths], "draw": [paths], "inputs": files read, "skipped": [(path, why)]}``.
+
+    Raises:
+        DataError: every input file was skipped (nothing is written), or a bad argument.
+    """
     if filter_method is not None and filter_method not in FILTERS:
         raise ValueError(f"--filter: unknown method {filter_method!r}; use one of "
                          f"{', '.join(FILTERS)}")  # fmt: skip
@@ -113,28 +149,44 @@ def predict_inputs(
     style = {"pcutoff": float(pcutoff), "trail": int(trail), "skeleton": bool(skeleton)}
     smoothing = (filter_method, int(filter_window), float(pcutoff)) if filter_method else None
     out = _Outputs(output, predictor.spec, model, draw, heatmaps, len(listed), style, smoothing)
-    total = count_frames(inputs)
+    total = count_frames(inputs, on_error="skip")
     try:
         with Progress(total, "predict") as bar:
-            items = _items(prefetch(iter_frames(inputs)), detections)
+            frames = prefetch(iter_frames(inputs, on_error="skip", max_pixels=max_pixels))
+            items = _items(frames, detections, out, warn or log.warning)
             for frame, xy, scores, extra in predictor.run(items, batch_size,
                                                           keep_crops=heatmaps):  # fmt: skip
                 dets = detections.get(frame.source.name, []) if detections is not None else None
                 out.add(frame, xy, scores, dets, ids.get(frame.source, frame.index),
                         category_id, extra)  # fmt: skip
                 bar.update()
+        if len(out.skipped) == len(files):
+            raise DataError(_nothing_read(out.skipped))
     except BaseException:
         out.abort()
         raise
-    return out.finish()
+    return {**out.finish(), "inputs": len(files)}
+
+
+def _nothing_read(skipped: Sequence[tuple[Path, str]]) -> str:
+    """The error when every input file was skipped: the first reason, and how many more."""
+    more = f" (and {len(skipped) - 1} more files skipped)" if len(skipped) > 1 else ""
+    return f"no input could be read, nothing written: {skipped[0][1]}{more}"
 
 
 # --------------------------------------------------------------------------- inputs
-def _items(frames: Iterator[Any], detections: dict[str, list[dict]] | None):
+def _items(
+    frames: Iterator[Any], detections: dict[str, list[dict]] | None, out: _Outputs,
+    warn: Callable[[str], None],
+):  # fmt: skip
     """(frame, frame, boxes) for :meth:`kpnet.runner.Predictor.run`; frames without a
-    detection are passed with zero boxes (skipped)."""
+    detection are passed with zero boxes (skipped); a skipped file is warned about and
+    dropped from ``out``."""
     for frame in frames:
-        if detections is None:
+        if isinstance(frame, Skipped):
+            warn(f"skipping {frame.why}")
+            out.skip(frame.source, frame.why)
+        elif detections is None:
             yield frame, frame.image, None
         else:
             dets = detections.get(frame.source.name, [])
@@ -143,7 +195,7 @@ def _items(frames: Iterator[Any], detections: dict[str, list[dict]] | None):
 
 def _image_ids(files: Sequence[Path], images_json: PathLike | None) -> dict[Path, int]:
     """Image id of each image file (rules: see the module docstring); videos: frame index."""
-    images = [f for f in files if not _is_video(f)]
+    images = [f for f in files if not is_video(f)]
     if images_json is not None:
         table = _coco_image_table(Path(images_json))
         missing = [p.name for p in images if p.name not in table]
@@ -153,12 +205,6 @@ def _image_ids(files: Sequence[Path], images_json: PathLike | None) -> dict[Path
     if images and all(p.stem.isdigit() for p in images):
         return {p: int(p.stem) for p in images}
     return {p: i for i, p in enumerate(images)}
-
-
-def _is_video(path: Path) -> bool:
-    from kpnet.frames import is_video
-
-    return is_video(path)
 
 
 def _coco_image_table(path: Path) -> dict[str, int]:
@@ -241,32 +287,34 @@ class _Outputs:
         self.output, self.spec, self.heatmaps = fs.as_path(output), spec, heatmaps
         self.scorer = f"kpnet_{_model_name(model)}"
         self.draw = fs.as_path(draw) if draw is not None else None
-        self.results: list[dict[str, Any]] = []
-        self.tables: dict[Path, list[tuple[str | int, np.ndarray, np.ndarray]]] = {}
+        self.results: list[tuple[Path, dict[str, Any]]] = []  # (source file, result)
+        # input -> rows (key, xy, scores, source file)
+        self.tables: dict[Path, list[tuple[str | int, np.ndarray, np.ndarray, Path]]] = {}
         self.videos: dict[Path, Any] = {}
         self.drawn: list[str] = []
-        self.frames = 0
+        self.frames: Counter[Path] = Counter()  # per source file
+        self.skipped: list[tuple[Path, str]] = []  # (file, why)
         self.num_inputs = num_inputs
         self.style = style  # pcutoff, trail, skeleton of the drawings
         self.filter = filter  # (method, window, pcutoff) of the filtered tables, or None
         self.trails: dict[Path, Any] = {}
 
     def add(self, frame, xy, scores, dets, image_id, category_id, extra) -> None:
-        self.frames += 1
+        if frame.source in self._skipped_files():
+            return  # a frame of a truncated video, still in the batch when it was skipped
+        self.frames[frame.source] += 1
         name = frame.name
         if dets is None:  # whole frame, one instance
             dets = [{"bbox": None, "score": 1.0, "category_id": category_id}]
             key = frame.index if frame.is_video else str(frame.source.name)
-            self.tables.setdefault(frame.input or frame.source, []).append((key, xy[0], scores[0]))
+            row = (key, xy[0], scores[0], frame.source)
+            self.tables.setdefault(frame.input or frame.source, []).append(row)
         for det, kp, sc in zip(dets, xy, scores, strict=True):
-            self.results.append(coco_result(kp, sc, det, image_id, name))
+            self.results.append((frame.source, coco_result(kp, sc, det, image_id, name)))
         if self.draw is not None:
             self._draw(frame, xy, scores, extra)
 
     def _draw(self, frame, xy, scores, extra) -> None:
-        from kpnet.frames import VideoWriter, write_image
-        from kpnet.inference import draw_keypoints, heatmap_overlay
-
         canvas = frame.image
         style = self.style
         if style["trail"] > 0 and frame.is_video and len(xy) == 1:
@@ -291,10 +339,6 @@ class _Outputs:
 
     def _trail(self, source: Path, xy: np.ndarray, scores: np.ndarray, image: np.ndarray):
         """The frame with the last ``trail`` positions of each point drawn as lines."""
-        from collections import deque
-
-        from kpnet.inference import draw_trails
-
         history = self.trails.get(source)
         if history is None:
             history = self.trails[source] = deque(maxlen=self.style["trail"] + 1)
@@ -303,6 +347,21 @@ class _Outputs:
         valid = np.stack([v for _, v in history])
         return draw_trails(np.array(image, np.uint8, copy=True), points, valid)
 
+    def skip(self, source: Path, why: str) -> None:
+        """Drop everything of the file ``source`` (a truncated video's frames so far, its
+        labelled video) and list it as skipped."""
+        self.skipped.append((source, why))
+        self.results = [(src, r) for src, r in self.results if src != source]
+        for table in self.tables.values():
+            table[:] = [row for row in table if row[3] != source]
+        self.frames.pop(source, None)
+        writer = self.videos.pop(source, None)
+        if writer is not None:
+            writer.close(keep=False)
+
+    def _skipped_files(self) -> set[Path]:
+        return {source for source, _ in self.skipped}
+
     def abort(self) -> None:
         """Drop the labelled videos being written (nothing half is left behind)."""
         for writer in self.videos.values():
@@ -310,18 +369,18 @@ class _Outputs:
         self.videos.clear()
 
     def finish(self) -> dict[str, Any]:
-        from kpnet.tracks import Tracks, filter_tracks, filtered_path, write_tracks
-
         for writer in self.videos.values():
             writer.close()
             self.drawn.append(str(writer.path))
-        fs.write_atomic(self.output, json.dumps(self.results))
+        fs.write_atomic(self.output, json.dumps([r for _, r in self.results]))
         csvs, h5s, filtered = [], [], []
         stem = os.path.splitext(fs.basename(self.output))[0]
         for source, rows in self.tables.items():
-            suffix = f"_{Path(source).stem}" if len(self.tables) > 1 else ""
+            if not rows:  # every file of this input was skipped
+                continue
+            suffix = f"_{Path(source).stem}" if self.num_inputs > 1 else ""  # skips: same names
             path = fs.child(fs.parent(self.output), f"{stem}{suffix}.csv")
-            keys, xy, scores = zip(*rows, strict=True)
+            keys, xy, scores, _ = zip(*rows, strict=True)
             tracks = Tracks(self.scorer, tuple(self.spec.names), tuple(keys), np.stack(xy),
                             np.stack(scores))  # fmt: skip
             written = write_tracks(path, tracks)
@@ -331,9 +390,10 @@ class _Outputs:
                 method, window, pcutoff = self.filter
                 smooth = filter_tracks(tracks, method, window=window, pcutoff=pcutoff)
                 filtered += [str(p) for p in write_tracks(filtered_path(path), smooth)]
-        return {"predictions": len(self.results), "frames": self.frames,
+        skipped = [(str(f), why) for f, why in self.skipped]
+        return {"predictions": len(self.results), "frames": sum(self.frames.values()),
                 "json": str(self.output), "csv": csvs, "h5": h5s, "filtered": filtered,
-                "draw": self.drawn}  # fmt: skip
+                "draw": self.drawn, "skipped": skipped}  # fmt: skip
 
 
 def _model_name(model: PathLike) -> str:

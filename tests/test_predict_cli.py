@@ -98,7 +98,7 @@ def test_predict_whole_images_with_flip_test(model_file, image_dir, tmp_path):
     np.testing.assert_allclose(kp[:, :2], POINTS["9"], atol=1.0)  # coarser: 64 px for 200
 
 
-def test_unreadable_image_is_named_and_nothing_written_is_lost(model_file, image_dir, tmp_path):
+def test_unreadable_image_is_named_and_skipped(model_file, image_dir, tmp_path):
     bad = image_dir / "bad.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0" + b"not really a jpeg" * 10)  # passes the header check
     out, draw = tmp_path / "preds.json", tmp_path / "draw"
@@ -106,9 +106,9 @@ def test_unreadable_image_is_named_and_nothing_written_is_lost(model_file, image
     args = ["predict", str(model_file), str(image_dir / "5.png"), str(bad), "-o", str(out),
             "--draw", str(draw), "--batch-size", "1"]  # fmt: skip
     res = CliRunner().invoke(main, args)
-    assert res.exit_code != 0 and "bad.jpg" in res.output and "Traceback" not in res.output
-    assert out.read_text() == "old results"
-    assert (draw / "5.jpg").is_file()  # the overlay drawn before the failure stays
+    assert res.exit_code == 3 and "bad.jpg" in res.output and "Traceback" not in res.output
+    assert [p["file_name"] for p in json.loads(out.read_text())] == ["5.png"]  # issue 24
+    assert (draw / "5.jpg").is_file() and not (draw / "bad.jpg").exists()
     (image_dir / "notes.jpg").write_text("plain text")
     res = CliRunner().invoke(main, ["predict", str(model_file), str(image_dir / "notes.jpg")])
     assert res.exit_code != 0 and "notes.jpg" in res.output

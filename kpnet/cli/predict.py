@@ -8,6 +8,11 @@ Example:
           --images-json person_keypoints_val2017.json -o results.json
 
 Outputs, ids and box matching: see :mod:`kpnet.predict`.
+
+A bad file (undecodable, unreadable, over ``--max-pixels``, a video that cannot be opened or
+is truncated) is skipped with a warning naming it; the rest is written, and the command ends
+with a summary line and exit status :data:`EXIT_SKIPPED` (3). Every input bad: one error
+line, exit status 1, nothing written.
 """
 
 from __future__ import annotations
@@ -18,9 +23,15 @@ import click
 
 from kpnet import fs
 from kpnet.codec import CodecError
+from kpnet.data.images import MAX_PIXELS
 from kpnet.data.records import DataError
 from kpnet.spec import SpecError
 from kpnet.tracks import DEFAULT_PCUTOFF
+
+#: Exit status of a prediction that wrote its outputs but skipped some input files.
+EXIT_SKIPPED = 3
+#: How many skipped files the summary line names.
+NAMED = 10
 
 
 @click.command("predict")
@@ -63,11 +74,19 @@ from kpnet.tracks import DEFAULT_PCUTOFF
               help="Also write <csv stem>_filtered.csv / .h5 (see kpnet filter).")  # fmt: skip
 @click.option("--window", "filter_window", type=int, default=5, show_default=True,
               help="With --filter: the filter's window in frames (odd).")  # fmt: skip
+@click.option("--max-pixels", type=click.IntRange(1), default=MAX_PIXELS, show_default=True,
+              help="Skip images (and videos) whose header declares more pixels per frame, "
+                   "without decoding them.")  # fmt: skip
 def predict(model, inputs, boxes, score_threshold, images_json, output, draw, heatmaps,
             flip_test, padding, category_id, batch_size, pcutoff, trail, skeleton,
-            filter_method, filter_window) -> None:  # fmt: skip
+            filter_method, filter_window, max_pixels) -> None:  # fmt: skip
     """Predict keypoints of INPUTS (image files, folders, videos) with MODEL (a .keras file
-    or a run folder, local or a URL)."""
+    or a run folder, local or a URL).
+
+    A bad input file (undecodable, unreadable, over --max-pixels, a video that cannot be
+    opened or ends before the frame count its header announces) is skipped with a warning
+    naming it; everything else is written. Exit status: 0 all done, 3 some files skipped
+    (listed on the last line), 1 an error (nothing written)."""
     from kpnet.predict import predict_inputs
 
     try:
@@ -76,7 +95,7 @@ def predict(model, inputs, boxes, score_threshold, images_json, output, draw, he
             score_threshold=score_threshold, draw=draw, heatmaps=heatmaps, flip_test=flip_test,
             padding=padding, category_id=category_id, batch_size=batch_size, pcutoff=pcutoff,
             trail=trail, skeleton=skeleton, filter_method=filter_method,
-            filter_window=filter_window,
+            filter_window=filter_window, max_pixels=max_pixels, warn=_warn,
         )  # fmt: skip
     except (DataError, SpecError, CodecError, FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from None
@@ -86,6 +105,21 @@ def predict(model, inputs, boxes, score_threshold, images_json, output, draw, he
                f"{output}")  # fmt: skip
     for path in [*summary["csv"], *summary["h5"], *summary["filtered"]]:
         click.echo(f"wrote {path}")
+    if summary["skipped"]:
+        click.echo(_skipped_line(summary["skipped"], summary["inputs"]), err=True)
+        raise SystemExit(EXIT_SKIPPED)
+
+
+def _warn(message: str) -> None:
+    click.echo(f"Warning: {message}", err=True)
+
+
+def _skipped_line(skipped: list[tuple[str, str]], inputs: int) -> str:
+    """``2 of 50 inputs skipped (see the warnings above): a.jpg, b.avi``."""
+    names = [Path(path).name for path, _ in skipped]
+    more = f" and {len(names) - NAMED} more" if len(names) > NAMED else ""
+    return (f"{len(skipped)} of {inputs} inputs skipped (see the warnings above): "
+            f"{', '.join(names[:NAMED])}{more}")  # fmt: skip
 
 
 COMMANDS = [predict]
