@@ -58,6 +58,9 @@ from kpnet.models.backbones import BACKBONES, IMAGENET_BACKBONES, MOBILENET_ALPH
 from kpnet.models.heads import HEADS, check_head
 from kpnet.spec import KeypointSpec, SpecError
 
+#: The codec's defaults are the recipe's (input size, decoding): defined once, in Codec.
+_CODEC = Codec()
+
 
 class RecipeError(ValueError):
     """A recipe is invalid; the message names the file and the key path."""
@@ -234,7 +237,7 @@ class ModelSection(_Strict):
     head: Literal[HEADS] = "cpn"  # type: ignore[valid-type]  # hrnet: backbone hrnet_w32 only
     alpha: float = Field(1.0, gt=0.0)  # MobileNetV2 width multiplier (1.0 for other trunks)
     backbone_weights: str | None = None  # null | imagenet | path to a weights file
-    input_size: tuple[int, int] = (256, 192)
+    input_size: tuple[int, int] = _CODEC.input_size
     pyramid_channels: int = Field(256, ge=1)  # head width: CPN pyramid / SimpleBaseline deconvs
     init_from: URL | Path | None = None
     bn_momentum: float = Field(0.9, gt=0.0, lt=1.0)  # BatchNorm moving-average momentum
@@ -336,11 +339,11 @@ class TrainSection(_Strict):
 
 
 class EvaluationSection(_Strict):
-    decode: Literal["dark", "quarter", "argmax"] = "dark"
-    flip_test: bool = True
-    max_peaks: int | None = Field(None, ge=1)  # shared channels; default: keypoints in channel
-    threshold: float = Field(0.1, ge=0.0)
-    min_distance: int = Field(2, ge=0)
+    decode: Literal["dark", "quarter", "argmax"] = _CODEC.method
+    flip_test: bool = _CODEC.flip_test  # needs flip pairs to help: COCO recipes turn it on
+    max_peaks: int | None = Field(_CODEC.max_peaks, ge=1)  # shared channels; None: keypoints
+    threshold: float = Field(_CODEC.threshold, ge=0.0)
+    min_distance: int = Field(_CODEC.min_distance, ge=0)
     pck_thresholds: list[float] = [0.05, 0.1]
     batch_size: int = Field(32, ge=1)
 
@@ -410,9 +413,13 @@ class Recipe(_Strict):
         renamed over it.
         """
         path = fs.as_path(path)
-        data = self.model_dump(mode="json")
-        fs.write_atomic(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=None))
+        fs.write_atomic(path, self.to_yaml())
         return path
+
+    def to_yaml(self) -> str:
+        """The resolved recipe as YAML text (what :meth:`save` writes)."""
+        data = self.model_dump(mode="json")
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 
 # --------------------------------------------------------------------------- loading

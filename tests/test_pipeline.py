@@ -318,7 +318,8 @@ def test_color_jitter_parameters():
     assert np.ptp(flat) == 0 and abs(int(flat[0, 0, 0]) - img.mean()) <= 1
     gray = apply_color(img, [0.0, 1.0, 0.0, 0.0])  # zero saturation: grey
     assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all()
-    params = sample_color(AugmentConfig(), tf.constant([1, 2], tf.int64), tf.constant(500))
+    no_saturation = AugmentConfig(saturation=0.0)
+    params = sample_color(no_saturation, tf.constant([1, 2], tf.int64), tf.constant(500))
     lo, hi = np.min(params, 0), np.max(params, 0)
     assert -0.2 <= lo[0] < -0.15 and 0.15 < hi[0] <= 0.2 and 0.8 <= lo[1] and hi[1] <= 1.2
     np.testing.assert_array_equal(np.asarray(params)[:, 2:], [[1.0, 0.0]] * 500)

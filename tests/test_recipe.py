@@ -143,3 +143,16 @@ def test_expected_recipes_exist_and_quickstart_documents_every_key():
     dumped = Recipe.model_validate(yaml.safe_load("\n".join(text))).model_dump()
     for section in ("model", "loss", "augment", "train", "evaluation", "export"):
         assert set(dumped[section]) == set(yaml.safe_load("\n".join(text))[section]), section
+
+
+def test_every_default_is_defined_once():
+    """A recipe without a key trains, decodes and augments as the configs' own defaults do."""
+    from kpnet.codec import Codec
+    from kpnet.data.augment import AugmentConfig
+    from kpnet.data.sources import pipeline_config
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "quickstart.yaml")
+    bare = Recipe.model_validate({"data": recipe.model_dump()["data"]})
+    assert bare.codec() == Codec(mode=bare.data.mode, padding=bare.data.padding)
+    augment = pipeline_config(bare).augment
+    assert augment == AugmentConfig(photometric=())

@@ -29,7 +29,7 @@ from kpnet.spec import KeypointSpec
 REPO = Path(__file__).resolve().parents[1]
 SPEC = KeypointSpec(names=("left", "right", "tip"), flip_pairs=((0, 1),), skeleton=((0, 2),))
 FIXED = AugmentConfig(scale=(1.0, 1.0), rotation=0.0, rotation_prob=0.0, flip=False,
-                      brightness=0.0, contrast=0.0)  # fmt: skip
+                      brightness=0.0, contrast=0.0, saturation=0.0)  # fmt: skip
 NO_AUG = PipelineConfig(codec=Codec((64, 64)), augment=FIXED, shuffle_buffer=8)
 
 
@@ -122,8 +122,8 @@ def test_round_trip_on_ram_matches_the_folder_pipeline(tmp_path):
 def test_streamed_augmented_training_is_seeded_and_follows_the_markers(tmp_path):
     records = _images(str(tmp_path), 12)
     tset = write_tfrecords(records, SPEC, str(tmp_path / "tfr"), shards=4)
-    config = PipelineConfig(codec=Codec((64, 64)), augment=AugmentConfig(
-        rotation_prob=1.0, brightness=0.0, contrast=0.0), shuffle_buffer=1)  # fmt: skip
+    augment = AugmentConfig(rotation_prob=1.0, brightness=0.0, contrast=0.0, saturation=0.0)
+    config = PipelineConfig(codec=Codec((64, 64)), augment=augment, shuffle_buffer=1)
 
     def take(seed):
         ds = build_dataset(tset, SPEC, config, 4, training=True, seed=seed, repeat=True,

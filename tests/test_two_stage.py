@@ -132,7 +132,7 @@ def _frames(tmp_path, n: int) -> list[InstanceRecord]:
 def test_training_mixes_whole_frames_and_refine_crops(tmp_path):
     records = _frames(tmp_path, 40)
     aug = AugmentConfig(scale=(1.0, 1.0), rotation=0.0, flip=False, brightness=0.0,
-                        contrast=0.0)  # fmt: skip
+                        contrast=0.0, saturation=0.0)  # fmt: skip
     cfg = PipelineConfig(codec=Codec(INPUT, mode="two_stage", whole_fraction=0.3), augment=aug,
                          shuffle_buffer=1)  # fmt: skip
     ds = build_dataset(records, SPEC, cfg, 40, training=True, with_meta=True)

@@ -76,7 +76,7 @@ class AugmentConfig:
     upper_body: tuple[str, ...] | None = None
     brightness: float = 0.2
     contrast: float = 0.2
-    saturation: float = 0.0
+    saturation: float = 0.2
     hue: float = 0.0
     photometric: tuple[Mapping[str, Any], ...] = field(default=())
 
