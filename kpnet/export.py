@@ -51,13 +51,12 @@ import tensorflow as tf
 from kpnet import fs
 from kpnet.codec import Codec, crop_to_image
 from kpnet.crops import sample_crops
+from kpnet.data.images import MAX_PIXELS  # most pixels (H x W) a served image may have
 from kpnet.inference import codec_of, decoder_of, load_model, with_heatmaps
 from kpnet.spec import KeypointSpec
 
 SIGNATURES: tuple[str, ...] = ("serving_default", "whole_image", "crops", "metadata")
 
-#: Most pixels (height x width) a served image may have: Pillow's decompression-bomb limit.
-MAX_PIXELS = 178_956_970  # TODO(issue 24): import kpnet.data.images.MAX_PIXELS once it exists
 #: A box wider (taller) than this many times its image is flagged (``valid`` false), not run.
 MAX_BOX_SCALE = 100.0
 #: The (x, y) of every keypoint of a flagged row: outside every image (real ones are clipped
@@ -227,8 +226,8 @@ class KeypointServingModule(tf.Module):
 
         Rows whose box lies wholly outside its image, or is more than
         :data:`MAX_BOX_SCALE` times its size, are not cropped: ``valid`` false, keypoints
-        :data:`INVALID_XY`, scores 0. An empty batch returns empty outputs without running
-        the model.
+        :data:`INVALID_XY`, scores 0 (whole-frame models ignore boxes: every row valid). An
+        empty batch returns empty outputs without running the model.
         """
         images = _checked_images(images)
         boxes = _checked_boxes(boxes, tf.shape(images)[0])
@@ -242,6 +241,8 @@ class KeypointServingModule(tf.Module):
         n = tf.shape(images)[0]
         hw = tf.cast(tf.tile(tf.shape(images)[None, 1:3], tf.stack([n, 1])), tf.float32)
         valid = _usable_boxes(boxes, hw)
+        if self.codec.mode in ("whole", "random_crop"):  # Codec.regions: boxes are ignored
+            valid = tf.ones_like(valid)
         image_box = tf.concat([tf.zeros_like(hw), tf.reverse(hw, [-1])], -1)  # (0, 0, W, H)
         boxes = tf.where(valid[:, None], boxes, image_box)  # never crop an unusable box
 

@@ -119,6 +119,23 @@ def test_boxes_outside_the_image_are_flagged_not_clipped_to_a_corner(signatures)
     assert (out["scores"][[0, 7]] > 0.3).all()
 
 
+@pytest.mark.parametrize("mode", ["two_stage", "whole"])
+def test_flags_follow_the_crop_mode(tmp_path, mode):
+    """Two-stage models flag a box outside the image as top-down ones do; whole-frame models
+    ignore boxes (every row is the whole image), so no row is flagged."""
+    from kpnet.export import KeypointServingModule
+    from kpnet.inference import codec_of, load_model
+
+    model = load_model(save_blob_model(tmp_path / "blobs.keras", SPEC, INPUT))
+    module = KeypointServingModule(model, SPEC, codec_of(model).replace(mode=mode))
+    boxes = tf.constant([[0.0, 0.0, 0.0, 0.0], [1000.0, 0.0, 10.0, 10.0], BOX])
+    out = module.serving_default(tf.constant(np.stack([IMAGE] * 3)), boxes)
+    flagged = mode == "two_stage"
+    np.testing.assert_array_equal(out["valid"].numpy(), [True, not flagged, True])
+    assert (out["scores"].numpy()[1] == 0).all() == flagged
+    np.testing.assert_allclose(out["keypoints"].numpy()[[0, 2]], [POINTS, POINTS], atol=1.5)
+
+
 # --------------------------------------------------------------------------- empty batches
 def test_empty_batches_return_empty_outputs(signatures):
     k = SPEC.num_keypoints
