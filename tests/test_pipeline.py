@@ -14,7 +14,8 @@ import kpnet  # noqa: F401  (quiet TF logs)
 from kpnet import codec
 from kpnet.codec import Codec
 from kpnet.data.augment import AugmentConfig, apply_color, sample_color
-from kpnet.data.pipeline import PipelineConfig, _decode_ratios, _inspect, build_dataset
+from kpnet.data.columns import _inspect
+from kpnet.data.pipeline import PipelineConfig, _decode_ratios, build_dataset
 from kpnet.data.preview import write_preview
 from kpnet.data.records import DataError, InstanceRecord
 from kpnet.spec import KeypointSpec

@@ -12,7 +12,7 @@ import pytest
 
 from kpnet import fs
 from kpnet.codec import Codec
-from kpnet.data import coco
+from kpnet.data import coco, columns
 from kpnet.data import pipeline as pl
 from kpnet.data.coco import load_coco_records
 from kpnet.data.pipeline import PipelineConfig, build_dataset
@@ -177,8 +177,8 @@ def test_coco_sizes_from_the_json_and_one_listing_per_folder(tmp_path, monkeypat
     asked = []
     isfile = fs.isfile
     monkeypatch.setattr(fs, "isfile", lambda p: asked.append(os.fspath(p)) or isfile(p))
-    monkeypatch.setattr(pl, "_inspect", lambda p: pytest.fail(f"opened {p}"))
-    monkeypatch.setattr(pl, "CHECK_IMAGES_LIMIT", 10)
+    monkeypatch.setattr(columns, "_inspect", lambda p: pytest.fail(f"opened {p}"))
+    monkeypatch.setattr(columns, "CHECK_IMAGES_LIMIT", 10)
     with pytest.raises(DataError, match=r"annotation id 50 \(image .*005.jpg\): image file not"):
         load_coco_records(path, folder, spec=SPEC)
     asked.clear()

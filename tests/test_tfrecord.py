@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from kpnet import fs
 from kpnet.cli import main
 from kpnet.codec import Codec
-from kpnet.data import pipeline as pl
+from kpnet.data import columns
 from kpnet.data.augment import AugmentConfig
 from kpnet.data.coco import load_coco_records
 from kpnet.data.pipeline import PipelineConfig, build_dataset
@@ -203,8 +203,8 @@ def test_large_sets_take_sizes_from_the_annotations(tmp_path, monkeypatch):
     def no_open(path):
         raise AssertionError(f"opened {path}")
 
-    monkeypatch.setattr(pl, "_inspect", no_open)
-    monkeypatch.setattr(pl, "CHECK_IMAGES_LIMIT", 5)  # 6 files: a "large" set
+    monkeypatch.setattr(columns, "_inspect", no_open)
+    monkeypatch.setattr(columns, "CHECK_IMAGES_LIMIT", 5)  # 6 files: a "large" set
     kw = dict(training=False, with_meta=True)
     streamed = _batches(build_dataset(records, SPEC, NO_AUG, 4, **kw))
     monkeypatch.undo()

@@ -1,8 +1,9 @@
 """Data checks: what a set of instance records holds, and what a loader skipped.
 
 Loaders validate cheap things up front (file exists, keypoint count, NaN, box area) and,
-with ``on_error="skip"``, skip and count bad records in a :class:`LoadReport` attached to the
-returned :class:`Records` list (or :class:`~kpnet.data.records.RecordTable`: COCO json).
+with ``on_error="skip"``, skip and count bad records in a
+:class:`~kpnet.data.records.LoadReport` attached to the returned
+:class:`~kpnet.data.records.Records` list (or :class:`~kpnet.data.records.RecordTable`: COCO json).
 :func:`check_records` summarises records for humans (``kpnet data check``). Corrupt image
 files are only found by decoding: pass ``decode=True`` here (slow on all of COCO: every
 image is decoded in full by TensorFlow, as training does, so a truncated JPEG that OpenCV
@@ -24,76 +25,16 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from kpnet.data.images import MAX_PIXELS, probe, too_large
-from kpnet.data.records import DataError, InstanceRecord
+from kpnet.data.records import MAX_EXAMPLES, DataError, InstanceRecord
 from kpnet.spec import KeypointSpec
 
 log = logging.getLogger(__name__)
-
-#: How many example messages a report keeps per reason.
-MAX_EXAMPLES = 5
-
-
-@dataclass
-class LoadReport:
-    """What a loader read, kept and skipped.
-
-    Attributes:
-        source: the file or folder that was loaded.
-        kept: number of records returned.
-        skipped: reason -> count. Reasons ``crowd`` and ``no_keypoints`` (and ``low_score``,
-            ``other_category`` for detections) are normal filtering; ``missing_image``,
-            ``keypoint_count``, ``nan``, ``zero_area``, ``unknown_image``, ``bad_row`` are bad
-            records, counted only with ``on_error="skip"`` (else they raise); so are
-            ``visibility`` (not 0, 1 or 2) and ``outside_root`` (an image path that leaves
-            the image folder).
-        examples: reason -> first few error messages, naming file and record.
-    """
-
-    source: str
-    kept: int = 0
-    skipped: Counter = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)
-
-    def skip(self, reason: str, message: str = "") -> None:
-        """Count one skipped record (and keep its message as an example)."""
-        self.skipped[reason] += 1
-        if message and len(self.examples.setdefault(reason, [])) < MAX_EXAMPLES:
-            self.examples[reason].append(message)
-
-    def bad(self, reason: str, message: str, on_error: str) -> None:
-        """A bad record: raise :class:`DataError` or (``on_error="skip"``) count it."""
-        if on_error == "raise":
-            raise DataError(f"{message}. Fix the record, or load with on_error='skip'.")
-        self.skip(reason, message)
-        log.warning("skipping: %s", message)
-
-    def summary(self) -> str:
-        """One line: kept count and skip counts."""
-        parts = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
-        return f"{self.source}: {self.kept} records" + (f" (skipped {parts})" if parts else "")
-
-
-class Records(list):
-    """A list of :class:`InstanceRecord` that also carries its :class:`LoadReport`."""
-
-    def __init__(self, items: Sequence[InstanceRecord] = (), report: LoadReport | None = None):
-        super().__init__(items)
-        self.report = report if report is not None else LoadReport(source="")
-        self.report.kept = len(self)
-
-
-def check_on_error(on_error: str) -> None:
-    """Validate an ``on_error`` argument."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
 
 
 def outside_root(root: str | os.PathLike, path: str | os.PathLike) -> bool:

@@ -9,7 +9,7 @@ Bad records (missing image file, a ``file_name`` that leaves the image folder, w
 count, NaN coordinates, a visibility other than 0 / 1 / 2, zero-area box, a detection for an
 image the json does not list) raise :class:`DataError` naming the file and the annotation id;
 with ``on_error="skip"`` they are skipped and counted in ``records.report`` (a
-:class:`~kpnet.data.check.LoadReport`). A json that lists one image id twice, or a category
+:class:`~kpnet.data.records.LoadReport`). A json that lists one image id twice, or a category
 without keypoint names (and no ``spec``), is refused as a whole. Corrupt JPEGs are not decoded
 here (too slow for COCO): ``kpnet data check --decode`` or the pipeline's ``on_error`` finds
 them.
@@ -40,8 +40,8 @@ from typing import Any
 import numpy as np
 
 from kpnet import fs
-from kpnet.data.check import LoadReport, check_on_error, outside_root
-from kpnet.data.records import DataError, InstanceRecord, RecordTable
+from kpnet.data.check import outside_root
+from kpnet.data.records import DataError, InstanceRecord, LoadReport, RecordTable, check_on_error
 from kpnet.spec import COCO17_NAMES, KeypointSpec
 
 log = logging.getLogger(__name__)

@@ -48,11 +48,11 @@ import numpy as np
 import yaml
 
 from kpnet import fs
-from kpnet.data.check import LoadReport, Records, check_on_error
 from kpnet.data.coco import guess_flip_pairs
 from kpnet.data.dlc_output import parse_header, read_csv_rows, read_h5_table
 from kpnet.data.images import probe
-from kpnet.data.records import DataError, InstanceRecord
+from kpnet.data.records import DataError, InstanceRecord, LoadReport, Records, check_on_error
+from kpnet.frames import natural_key
 from kpnet.spec import KeypointSpec, SpecError
 
 PathLike = str | os.PathLike
@@ -275,8 +275,6 @@ def _tails(image: str) -> list[str]:
 def _last_frames(images: Sequence[str], n: int) -> set[str]:
     if n <= 0:
         return set()
-    from kpnet.frames import natural_key
-
     folders: dict[str, list[str]] = {}
     for image in images:
         folders.setdefault(str(Path(image).parent), []).append(image)

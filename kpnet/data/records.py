@@ -15,11 +15,18 @@ Example:
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: How many example messages a report keeps per reason.
+MAX_EXAMPLES = 5
 
 
 class DataError(ValueError):
@@ -77,7 +84,7 @@ class RecordTable(Sequence[InstanceRecord]):
         image_sizes: [N, 2] int (H, W), -1 where unknown (default unknown).
         source_prefix: a row's ``source`` is ``source_prefix + str(record_id)``, unless
             ``sources`` ({row: source}) says otherwise.
-        report: the loader's :class:`~kpnet.data.check.LoadReport` (``kept`` is set).
+        report: the loader's :class:`LoadReport` (``kept`` is set).
 
     Example:
         >>> t = RecordTable(["a.jpg"], np.zeros(2, int), np.tile([0., 0, 8, 8], (2, 1)),
@@ -115,8 +122,6 @@ class RecordTable(Sequence[InstanceRecord]):
         self.source_prefix = source_prefix
         self.sources = dict(sources or {})
         if report is None:
-            from kpnet.data.check import LoadReport
-
             report = LoadReport(source="")
         self.report = report
         self.report.kept = n
@@ -217,3 +222,59 @@ def _column(values: Any, n: int, dtype: Any, default: float) -> np.ndarray:
     if values is None:
         return np.full(n, default, dtype)
     return np.asarray(values, dtype).reshape(n)
+
+
+# --------------------------------------------------------------------------- load reports
+@dataclass
+class LoadReport:
+    """What a loader read, kept and skipped.
+
+    Attributes:
+        source: the file or folder that was loaded.
+        kept: number of records returned.
+        skipped: reason -> count. Reasons ``crowd`` and ``no_keypoints`` (and ``low_score``,
+            ``other_category`` for detections) are normal filtering; ``missing_image``,
+            ``keypoint_count``, ``nan``, ``zero_area``, ``unknown_image``, ``bad_row`` are bad
+            records, counted only with ``on_error="skip"`` (else they raise); so are
+            ``visibility`` (not 0, 1 or 2) and ``outside_root`` (an image path that leaves
+            the image folder).
+        examples: reason -> first few error messages, naming file and record.
+    """
+
+    source: str
+    kept: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+
+    def skip(self, reason: str, message: str = "") -> None:
+        """Count one skipped record (and keep its message as an example)."""
+        self.skipped[reason] += 1
+        if message and len(self.examples.setdefault(reason, [])) < MAX_EXAMPLES:
+            self.examples[reason].append(message)
+
+    def bad(self, reason: str, message: str, on_error: str) -> None:
+        """A bad record: raise :class:`DataError` or (``on_error="skip"``) count it."""
+        if on_error == "raise":
+            raise DataError(f"{message}. Fix the record, or load with on_error='skip'.")
+        self.skip(reason, message)
+        log.warning("skipping: %s", message)
+
+    def summary(self) -> str:
+        """One line: kept count and skip counts."""
+        parts = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+        return f"{self.source}: {self.kept} records" + (f" (skipped {parts})" if parts else "")
+
+
+class Records(list):
+    """A list of :class:`InstanceRecord` that also carries its :class:`LoadReport`."""
+
+    def __init__(self, items: Sequence[InstanceRecord] = (), report: LoadReport | None = None):
+        super().__init__(items)
+        self.report = report if report is not None else LoadReport(source="")
+        self.report.kept = len(self)
+
+
+def check_on_error(on_error: str) -> None:
+    """Validate an ``on_error`` argument."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")

@@ -17,30 +17,23 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from kpnet.data.records import InstanceRecord, RecordTable
+from kpnet.data.augment import AugmentConfig
+from kpnet.data.coco import load_coco_records
+from kpnet.data.dlc import default_val_fraction, load_dlc_records, split_dlc
+from kpnet.data.pipeline import PipelineConfig
+from kpnet.data.records import DataError, InstanceRecord, RecordTable
+from kpnet.data.synthetic import ensure_synthetic_pins, pin_spec
+from kpnet.data.tfrecord import load_tfrecord_set, read_records
 from kpnet.recipe import Recipe
 from kpnet.spec import KeypointSpec
 
 
-def pipeline_config(recipe: Recipe):
-    """The :class:`kpnet.data.pipeline.PipelineConfig` of a recipe."""
-    from kpnet.data.augment import AugmentConfig
-    from kpnet.data.pipeline import PipelineConfig
-
-    a = recipe.augment
+def pipeline_config(recipe: Recipe) -> PipelineConfig:
+    """The :class:`kpnet.data.pipeline.PipelineConfig` of a recipe: its codec, its
+    ``augment`` section as an :class:`AugmentConfig` (field for field) and the pixel limit."""
+    section = recipe.augment.model_dump()
     try:
-        augment = AugmentConfig(
-            scale=a.scale,
-            rotation=a.rotation,
-            rotation_prob=a.rotation_prob,
-            flip=a.flip,
-            half_body_prob=a.half_body_prob,
-            brightness=a.brightness,
-            contrast=a.contrast,
-            saturation=a.saturation,
-            hue=a.hue,
-            photometric=tuple(a.photometric),
-        )
+        augment = AugmentConfig(**{**section, "photometric": tuple(section["photometric"])})
     except (ValueError, TypeError, AttributeError) as err:
         raise recipe.error("augment", str(err)) from None
     return PipelineConfig(codec=recipe.codec(), augment=augment, max_pixels=recipe.data.max_pixels)
@@ -58,9 +51,6 @@ def load_data(
     if data.source == "coco":
         return _load_coco(data.coco, spec, data.on_error, detections)
     if data.source == "dlc":
-        from kpnet.data.dlc import default_val_fraction, load_dlc_records, split_dlc
-        from kpnet.data.records import DataError
-
         d = data.dlc
         dlc_spec, records = load_dlc_records(d.project, d.box, d.margin, data.on_error)
         _check_spec(recipe, spec, dlc_spec)
@@ -78,8 +68,6 @@ def load_data(
 
 
 def _load_coco(c, spec, on_error: str, detections: bool):
-    from kpnet.data.coco import load_coco_records
-
     spec, train = load_coco_records(
         c.train_annotations, c.train_images, spec=spec, on_error=on_error,
         allow_outside_root=c.allow_outside_root,
@@ -100,9 +88,6 @@ def _load_coco(c, spec, on_error: str, detections: bool):
 
 
 def _load_synthetic(s, spec, on_error: str):
-    from kpnet.data.coco import load_coco_records
-    from kpnet.data.synthetic import ensure_synthetic_pins, pin_spec
-
     spec = spec or pin_spec(s.single_channel)
     paths = ensure_synthetic_pins(
         s.cache_dir,
@@ -120,9 +105,6 @@ def _load_synthetic(s, spec, on_error: str):
 def _load_tfrecord(recipe: Recipe, spec: KeypointSpec | None):
     """(spec, the training :class:`~kpnet.data.tfrecord.TFRecordSet` (streamed, nothing
     loaded), validation records (read into memory, images in a ``ram://`` folder))."""
-    from kpnet.data.records import DataError
-    from kpnet.data.tfrecord import load_tfrecord_set, read_records
-
     t = recipe.data.tfrecord
     try:
         train = load_tfrecord_set(t.train)

@@ -49,7 +49,8 @@ import numpy as np
 import tensorflow as tf
 
 from kpnet import fs
-from kpnet.data import pipeline as pl
+from kpnet.data.columns import Columns, check_files, group, record_arrays
+from kpnet.data.images import JPEG_MAGIC
 from kpnet.data.records import DataError, InstanceRecord, RecordTable
 from kpnet.spec import KeypointSpec
 
@@ -58,10 +59,6 @@ FORMAT = "kpnet-tfrecord"
 VERSION = 1
 #: Default shard size when ``shards`` is not given (TensorFlow suggests 100-200 MB).
 SHARD_BYTES = 128 * 2**20
-#: Images whose crop geometry is computed in one graph call while streaming.
-BLOCK_IMAGES = 64
-#: Shards read at once (interleaved) when shuffling; image shuffle buffer.
-CYCLE_LENGTH, IMAGE_BUFFER = 16, 1024
 
 _FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
@@ -109,7 +106,7 @@ def _feature(values, kind: str) -> tf.train.Feature:
     return tf.train.Feature(float_list=tf.train.FloatList(value=values))
 
 
-def _example(data: bytes, path: str, hw, members: np.ndarray, cols: pl._Columns) -> bytes:
+def _example(data: bytes, path: str, hw, members: np.ndarray, cols: Columns) -> bytes:
     feats = {
         "image/encoded": _feature([data], "bytes"),
         "image/path": _feature([path.encode("utf-8")], "bytes"),
@@ -169,9 +166,9 @@ def write_tfrecords(
         raise DataError(f"{source or out}: no records to convert")
     if shards is not None and int(shards) < 1:
         raise DataError(f"--shards must be >= 1, got {shards}")
-    cols = pl._record_arrays(records, spec)
-    keep, sizes, _, _ = pl._check_files(cols, records, on_error, check=True)
-    groups = pl._group(cols, keep, consecutive=False)
+    cols = record_arrays(records, spec)
+    keep, sizes, _, _ = check_files(cols, records, on_error, check=True)
+    groups = group(cols, keep, consecutive=False)
     if not len(groups):
         raise DataError(f"{source or out}: every record's image file is unusable")
     paths = [cols.paths[j] for j in groups.path_index.tolist()]
@@ -251,7 +248,7 @@ def load_tfrecord_set(root: str | os.PathLike) -> TFRecordSet:
                        [list(v) for v in index.get("image_sizes", [])])  # fmt: skip
 
 
-def _parse(serialized: tf.Tensor, num_keypoints: int) -> dict[str, tf.Tensor]:
+def parse_examples(serialized: tf.Tensor, num_keypoints: int) -> dict[str, tf.Tensor]:
     """A block of serialized examples [B] -> per-image tensors and flat instance tensors."""
     ex = tf.io.parse_example(serialized, _FEATURES)
     splits = ex["instance/record_id"].row_splits
@@ -283,10 +280,10 @@ def read_records(tset: TFRecordSet, image_dir: str | None = None) -> list[Instan
     ds = tf.data.TFRecordDataset(list(tset.files)).batch(256)
     records: list[InstanceRecord] = []
     for block in ds:
-        p = _parse(block, k)
+        p = parse_examples(block, k)
         splits = p["splits"].numpy()
         for g, data in enumerate(p["image"].numpy()):
-            ext = ".jpg" if data.startswith(pl._JPEG) else ".png"
+            ext = ".jpg" if data.startswith(JPEG_MAGIC) else ".png"
             path = fs.join(image_dir, f"{len(records):09d}{ext}")
             with fs.open_file(path, "wb") as f:
                 f.write(data)
@@ -300,136 +297,3 @@ def read_records(tset: TFRecordSet, image_dir: str | None = None) -> list[Instan
                     image_size=hw, source=f"{tset.root} (image {original})",
                 ))  # fmt: skip
     return records
-
-
-class _StreamBuilder(pl._Builder):
-    """The folder pipeline's builder, fed one block of streamed images at a time."""
-
-    def __init__(self, tset: TFRecordSet, spec, config, training, seed, on_error):
-        self.spec, self.config, self.training, self.seed = spec, config, training, int(seed)
-        self.on_error = on_error
-        self.num_records = len(tset)
-        self.flip_index = tf.constant(spec.flip_index, tf.int32)
-        a = config.augment
-        self.upper = a.upper_body_index(spec) if a.half_body_prob > 0 else None
-        if training and a.half_body_prob > 0 and self.upper is None:
-            raise ValueError(
-                "augment.half_body_prob > 0 needs augment.upper_body for a non-COCO spec"
-            )
-        self.albu = pl.aug.AlbumentationsOp(a.photometric) if a.photometric else None
-
-    def read(self, path: tf.Tensor) -> tf.Tensor:
-        return path  # the example holds the encoded image itself
-
-    def image_hw(self, idx: tf.Tensor, *extra: tf.Tensor) -> tf.Tensor:
-        return extra[0]
-
-    def block(self, epoch: tf.Tensor, number: tf.Tensor, serialized: tf.Tensor):
-        """Per image of a block of serialized examples: :meth:`epoch_tables`' outputs
-        (record indices into the converted list) plus each instance's image (H, W)."""
-        p = _parse(serialized, self.spec.num_keypoints)
-        blk = object.__new__(_StreamBuilder)
-        blk.__dict__.update(self.__dict__)
-        splits = p["splits"]
-        counts = splits[1:] - splits[:-1]
-        n_images = tf.shape(p["image"], out_type=tf.int64)[0]
-        blk.seed_t = tf.constant(self.seed, tf.int64) * 1_000_003 + number
-        blk.paths, blk.hw, blk.splits = p["image"], p["hw"], splits
-        blk.is_jpeg = tf.strings.substr(p["image"], 0, 3) == pl._JPEG
-        blk.keypoints, blk.boxes = p["keypoints"], p["boxes"]
-        blk.flat_members = tf.range(splits[-1])
-        blk.member_group = tf.repeat(tf.range(n_images), counts)
-        blk.num_groups = tf.cast(n_images, tf.int32)
-        tables = list(blk.epoch_tables(epoch, tf.range(n_images)))
-        local = tables[-1]
-        tables[-1] = local.with_flat_values(tf.gather(p["index"], local.flat_values))
-        hw = tf.RaggedTensor.from_row_splits(
-            tf.gather(p["hw"], blk.member_group), splits, validate=False
-        )
-        # padded, not ragged: unbatching ragged elements costs ~0.4 ms per image
-        dense = [t.to_tensor() if isinstance(t, tf.RaggedTensor) else t for t in (*tables, hw)]
-        return (*dense, counts)
-
-    def load_streamed(self, *tables):
-        """:meth:`load` of one image of a :meth:`block` (padded instances cut back)."""
-        *head, hw, count = tables
-        head[4:] = [t[:count] for t in head[4:]]  # per instance: warps ... record indices
-        return (*self.load(*head), hw[:count])
-
-
-def build_tfrecord_dataset(
-    tset: TFRecordSet,
-    spec: KeypointSpec,
-    config: pl.PipelineConfig,
-    batch_size: int,
-    training: bool,
-    seed: int = 0,
-    shuffle: bool | None = None,
-    repeat: bool = False,
-    with_meta: bool = False,
-    input_context: tf.distribute.InputContext | None = None,
-    on_error: str = "raise",
-    drop_remainder: bool | None = None,
-) -> tf.data.Dataset:
-    """:func:`kpnet.data.pipeline.build_dataset` for a :class:`TFRecordSet` (same arguments
-    and outputs; ``meta["index"]`` indexes the converted record list).
-
-    With ``input_context`` this input pipeline reads only shards ``i::n`` (whole files).
-    """
-    if spec.num_keypoints != tset.spec.num_keypoints:
-        raise DataError(
-            f"{tset.root}: holds {tset.spec.num_keypoints} keypoints per instance, "
-            f"the spec has {spec.num_keypoints}; convert with the right spec"
-        )
-    shuffle = training if shuffle is None else bool(shuffle)
-    drop_remainder = training if drop_remainder is None else bool(drop_remainder)
-    files, counts = list(tset.files), list(tset.shard_records)
-    if input_context is not None:
-        pid, num = input_context.input_pipeline_id, input_context.num_input_pipelines
-        if len(files) < num:
-            raise DataError(
-                f"{tset.root}: {len(files)} TFRecord shard(s) for {num} input pipelines "
-                f"(workers); each reads whole shards: convert again with --shards {num} or more"
-            )
-        files, counts = files[pid::num], counts[pid::num]
-        batch_size = input_context.get_per_replica_batch_size(batch_size)
-    num = sum(counts)
-    if not num:
-        raise DataError(f"{tset.root}: the TFRecord set holds no instances")
-    if drop_remainder and not repeat and num < batch_size:
-        raise DataError(
-            f"build_dataset: {num} instances are fewer than one batch of {batch_size} with "
-            "drop_remainder; lower the batch size or pass repeat=True"
-        )
-    b = _StreamBuilder(tset, spec, config, training, seed, on_error)
-    names = tf.constant(files)
-
-    def one_epoch(epoch: tf.Tensor) -> tf.data.Dataset:
-        order = names
-        if shuffle and len(files) > 1:
-            u = tf.random.stateless_uniform([len(files)], seed=tf.stack([b.seed + 5, epoch]))
-            order = tf.gather(names, tf.argsort(u))
-        ds = tf.data.Dataset.from_tensor_slices(order)
-        if shuffle:
-            ds = ds.interleave(tf.data.TFRecordDataset, min(len(files), CYCLE_LENGTH), 1,
-                               num_parallel_calls=AUTOTUNE, deterministic=True)  # fmt: skip
-            ds = ds.shuffle(IMAGE_BUFFER, seed=b.seed + 7)
-        else:
-            ds = ds.flat_map(tf.data.TFRecordDataset)
-        ds = ds.batch(BLOCK_IMAGES).enumerate()
-        ds = ds.map(lambda i, s: b.block(epoch, i, s), num_parallel_calls=AUTOTUNE,
-                    deterministic=True)  # fmt: skip
-        return ds.unbatch()
-
-    if repeat:
-        ds = tf.data.Dataset.counter().flat_map(one_epoch)
-    else:
-        key = tf.data.Dataset.random(seed=b.seed, rerandomize_each_iteration=True).take(1)
-        ds = key.map(lambda k: k % 2**40).flat_map(one_epoch)
-    ds = ds.map(b.load_streamed, num_parallel_calls=AUTOTUNE, deterministic=True)
-    known = num if not repeat and on_error == "raise" else None
-    return pl._finish(ds, b, batch_size, training, shuffle, drop_remainder, with_meta,
-                      seed, known, input_context is not None)  # fmt: skip
-
-
-AUTOTUNE = tf.data.AUTOTUNE
