@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import types
+import uuid
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from kpnet.cli import main
-from kpnet.cli.data import guess_image_dir
 from kpnet.data.coco import load_coco_records
 from kpnet.data.records import DataError
+from kpnet.data.sources import guess_image_dir
 from kpnet.data.synthetic import ensure_synthetic_pins
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -51,6 +53,25 @@ def test_check_dlc_json_report():
     assert report["labelled"]["Tongue"] == 15 and report["labelled"]["Joystick1"] == 55
     assert report["unlabelled"] == 5 * 55 - sum(report["labelled"].values())
     assert report["corrupt_images"] == 0
+
+
+def test_check_reads_a_data_set_at_a_url(pins):
+    """A gs://-style data set (TensorFlow's ram:// filesystem stands in for gs:// here) is
+    checked as a local one: every image found, decoded and sized through kpnet.fs."""
+    from kpnet import fs
+
+    ann, image_dir = pins["val"]
+    root = f"ram://kpnet-check-{uuid.uuid4().hex[:8]}"
+    for name in sorted(os.listdir(image_dir)):
+        fs.write_atomic(fs.join(root, "val", name), Path(image_dir, name).read_bytes())
+    fs.write_atomic(fs.join(root, "annotations", "val.json"), Path(ann).read_bytes())
+    result = _run("check", fs.join(root, "annotations", "val.json"), "--decode", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["instances"] == 4 and report["missing_files"] == 0
+    assert report["corrupt_images"] == 0
+    gone = _run("check", fs.join(root, "annotations", "nothing.json"))
+    assert gone.exit_code == 1 and "nothing.json: file not found" in gone.output
 
 
 def test_check_reports_bad_records_with_exit_code(pins):

@@ -19,61 +19,14 @@ from pathlib import Path
 import click
 
 from kpnet.codec import CROP_MODES
-from kpnet.data.check import LoadReport, Records, check_records, format_check
+from kpnet.data.check import check_records, format_check
 from kpnet.data.images import MAX_PIXELS
-from kpnet.data.records import DataError
+from kpnet.data.records import DataError, LoadReport, Records
+from kpnet.data.sources import load_source
 from kpnet.spec import KeypointSpec
 
 #: Skip reasons that are normal filtering, not bad data.
 FILTERED = {"crowd", "no_keypoints", "low_score", "other_category"}
-
-
-def load_source(
-    source: str | Path,
-    images: str | Path | None = None,
-    on_error: str = "raise",
-    allow_outside_root: bool = False,
-) -> tuple[KeypointSpec, Records]:
-    """Load a COCO json, a DLC project folder or a DLC / lightning-pose label CSV.
-
-    ``allow_outside_root``: a COCO ``file_name`` may leave the image folder.
-    """
-    path = Path(source)
-    if (path / "index.json").is_file():
-        raise DataError(
-            f"{path}: is a TFRecord set (kpnet data convert --to tfrecord); give the source "
-            "it was converted from, or train from it with data.source: tfrecord"
-        )
-    if path.is_dir() or path.suffix.lower() == ".csv":
-        from kpnet.data.dlc import load_dlc_records
-
-        return load_dlc_records(path, on_error=on_error)
-    if path.suffix.lower() != ".json":
-        raise DataError(
-            f"{path}: expected a COCO .json file, a DeepLabCut project folder or a label .csv"
-        )
-    from kpnet.data.coco import load_coco_records
-
-    image_dir = Path(images) if images else guess_image_dir(path)
-    return load_coco_records(
-        path, image_dir, on_error=on_error, allow_outside_root=allow_outside_root
-    )
-
-
-def guess_image_dir(annotation_file: Path) -> Path:
-    """``<json dir>/../<split>2017`` (COCO layout) or ``<split>``, split from the file name."""
-    name = annotation_file.stem.lower()
-    splits = [s for s in ("train", "val", "test") if s in name]
-    folders = [annotation_file.parent.parent, annotation_file.parent]
-    for split in splits:
-        for folder in folders:
-            for candidate in (folder / f"{split}2017", folder / split):
-                if candidate.is_dir():
-                    return candidate
-    looked = ", ".join(f"{s}2017/ or {s}/" for s in splits) or "no train/val/test in the name"
-    raise DataError(
-        f"{annotation_file}: cannot guess the image folder ({looked}); pass --images DIR"
-    )
 
 
 def _parse_size(value: str) -> tuple[int, int]:
@@ -112,8 +65,8 @@ def data() -> None:
 
 
 @data.command("check")
-@click.argument("source", type=click.Path(exists=True))
-@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder.")
+@click.argument("source")  # a path or a URL: load_source says when it is missing
+@click.option("--images", help="Image folder (a path or a URL).")
 @click.option("--decode", is_flag=True, help="Decode every image to find corrupt files (slow).")
 @click.option("--on-error", type=click.Choice(["skip", "raise"]), default="skip",
               show_default=True, help="Skip and count bad records, or stop.")  # fmt: skip
@@ -151,7 +104,7 @@ def check(
 
 
 @data.command("convert")
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source")  # a path or a URL: load_source says when it is missing
 @click.option("-o", "--out", "out", required=True,
               help="COCO json to write (--to coco), or a folder (--to tfrecord; a URL "
                    "such as gs://bucket/train works).")  # fmt: skip
@@ -161,7 +114,7 @@ def check(
 @click.option("--shards", type=click.IntRange(1), default=None,
               help="TFRecord files to write (default: one per 128 MB of images); use at "
                    "least one per training worker.")  # fmt: skip
-@click.option("--images", type=click.Path(exists=True, file_okay=False),
+@click.option("--images",
               help="Image folder of a COCO json (--to tfrecord).")  # fmt: skip
 @click.option("--on-error", type=click.Choice(["skip", "raise"]), default="raise",
               show_default=True,
@@ -220,9 +173,9 @@ def _convert_tfrecord(
 
 
 @data.command("preview")
-@click.argument("source", type=click.Path(exists=True))
+@click.argument("source")  # a path or a URL: load_source says when it is missing
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
-@click.option("--images", type=click.Path(exists=True, file_okay=False), help="Image folder.")
+@click.option("--images", help="Image folder (a path or a URL).")
 @click.option("-n", "num", type=click.IntRange(1, 256), default=16, show_default=True)
 @click.option("--input-size", default="256x192", show_default=True, help="HEIGHTxWIDTH.")
 @click.option("--mode", type=click.Choice(list(CROP_MODES)),

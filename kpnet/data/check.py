@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from kpnet import fs
 from kpnet.data.images import MAX_PIXELS, probe, too_large
 from kpnet.data.records import MAX_EXAMPLES, DataError, InstanceRecord
 from kpnet.spec import KeypointSpec
@@ -186,7 +187,7 @@ def _image_size(record: InstanceRecord, decode: bool, max_pixels: int) -> Any:
     """One image's entry of :func:`_image_sizes`: the header first, so an image over the
     limit is never decoded."""
     path = record.image_path
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
         return "missing"
     try:
         header = probe(path)
@@ -214,10 +215,9 @@ def _decoded_size(path: str) -> tuple[int, int] | _Corrupt:
     import tensorflow as tf
 
     try:
-        with open(path, "rb") as f:
-            contents = f.read()
-    except OSError as err:
-        return _Corrupt(f"cannot read the image file ({err.strerror or err})")
+        contents = fs.read_bytes(path)
+    except fs.io_errors() as err:
+        return _Corrupt(f"cannot read the image file ({getattr(err, 'strerror', None) or err})")
     if not contents.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n")):
         return _Corrupt("not a JPEG or PNG file (convert it to one of those)")
     try:  # as the pipeline reads it; OpenCV would return a truncated JPEG half grey

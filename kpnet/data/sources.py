@@ -13,10 +13,12 @@ Example:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import numpy as np
 
+from kpnet import fs
 from kpnet.data.augment import AugmentConfig
 from kpnet.data.coco import load_coco_records
 from kpnet.data.dlc import default_val_fraction, load_dlc_records, split_dlc
@@ -171,3 +173,62 @@ def load_validation(recipe: Recipe, detections: bool = False):
     """(spec, validation records, pipeline config); used by ``kpnet evaluate MODEL RECIPE``."""
     spec, _, val = load_data(recipe, detections)
     return spec, val, pipeline_config(recipe)
+
+
+# --------------------------------------------------------------------------- a path
+def load_source(
+    source: str | os.PathLike,
+    images: str | os.PathLike | None = None,
+    on_error: str = "raise",
+    allow_outside_root: bool = False,
+) -> tuple[KeypointSpec, Sequence[InstanceRecord]]:
+    """The records of a path, as ``kpnet data`` reads it: a COCO json (images from
+    ``images``, else :func:`guess_image_dir`), a DeepLabCut project folder or a DLC /
+    lightning-pose label CSV; local or a URL (``gs://``, ``ram://``).
+
+    ``allow_outside_root``: a COCO ``file_name`` may leave the image folder.
+    """
+    path = fs.as_path(source)
+    if fs.isfile(fs.join(path, "index.json")):
+        raise DataError(
+            f"{path}: is a TFRecord set (kpnet data convert --to tfrecord); give the source "
+            "it was converted from, or train from it with data.source: tfrecord"
+        )
+    suffix = os.path.splitext(fs.basename(path))[1].lower()
+    if fs.isdir(path) or suffix == ".csv":
+        return load_dlc_records(path, on_error=on_error)
+    if suffix != ".json":
+        raise DataError(
+            f"{path}: expected a COCO .json file, a DeepLabCut project folder or a label .csv"
+        )
+    if not fs.exists(path):
+        raise DataError(f"{path}: file not found")
+    image_dir = fs.as_path(images) if images else guess_image_dir(path)
+    if not fs.isdir(image_dir):
+        raise DataError(f"{image_dir}: no such image folder (--images)")
+    return load_coco_records(
+        path, image_dir, on_error=on_error, allow_outside_root=allow_outside_root
+    )
+
+
+def guess_image_dir(annotation_file: str | os.PathLike) -> str | os.PathLike:
+    """``<json dir>/../<split>2017`` (COCO layout) or ``<split>``, split from the file name.
+
+    >>> try:
+    ...     guess_image_dir("nowhere/person_keypoints_val2017.json")
+    ... except DataError as err:
+    ...     print(str(err).split(": ", 1)[1])
+    cannot guess the image folder (val2017/ or val/); pass --images DIR
+    """
+    name = os.path.splitext(fs.basename(annotation_file))[0].lower()
+    splits = [s for s in ("train", "val", "test") if s in name]
+    folders = [fs.parent(fs.parent(annotation_file)), fs.parent(annotation_file)]
+    for split in splits:
+        for folder in folders:
+            for candidate in (fs.child(folder, f"{split}2017"), fs.child(folder, split)):
+                if fs.isdir(candidate):
+                    return candidate
+    looked = ", ".join(f"{s}2017/ or {s}/" for s in splits) or "no train/val/test in the name"
+    raise DataError(
+        f"{annotation_file}: cannot guess the image folder ({looked}); pass --images DIR"
+    )
