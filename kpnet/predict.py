@@ -13,7 +13,8 @@ frames, a top-down model on ``--boxes`` or, without them, on the whole frame.
 Outputs:
 
 * a COCO keypoint results json: ``image_id``, ``category_id``, ``keypoints`` (x, y, score)
-  * K in image pixels, ``score`` = box score * mean of the keypoint scores above 0.2, plus
+  * K in image pixels, ``score`` (:func:`kpnet.evaluate.instance_score`: box score * mean of
+  the keypoint scores above 0.2, 6 decimals), plus
   ``bbox`` (the box used, None for the whole frame) and ``file_name`` (``clip.mp4#000012``
   for a video frame);
 * without ``--boxes`` (one instance per frame): a DeepLabCut CSV per input (a video, a
@@ -62,8 +63,10 @@ from typing import Any
 import numpy as np
 
 from kpnet import fs
+from kpnet.data.coco import read_json
 from kpnet.data.images import MAX_PIXELS
 from kpnet.data.records import DataError
+from kpnet.evaluate import instance_score
 from kpnet.frames import (
     Progress,
     Skipped,
@@ -88,7 +91,6 @@ from kpnet.tracks import (
 
 log = logging.getLogger(__name__)
 
-RESCORE_THRESHOLD = 0.2
 PathLike = str | os.PathLike
 
 
@@ -208,7 +210,7 @@ def _image_ids(files: Sequence[Path], images_json: PathLike | None) -> dict[Path
 
 
 def _coco_image_table(path: Path) -> dict[str, int]:
-    data = _read_json(path)
+    data = read_json(path)
     entries = data.get("images") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise DataError(f"{path}: expected a COCO json with an 'images' list")
@@ -223,7 +225,7 @@ def _detections(
 ) -> dict[str, list[dict[str, Any]]]:
     """Detections of a COCO results json by image file name (see the module docstring)."""
     path = Path(path)
-    dets = _read_json(path)
+    dets = read_json(path)
     if not isinstance(dets, list):
         raise DataError(f"{path}: expected a list of detections (COCO results format)")
     names = {f.name for f in files}
@@ -269,11 +271,6 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: cannot read JSON ({err})") from None
 
 
 # --------------------------------------------------------------------------- outputs
@@ -406,16 +403,15 @@ def _model_name(model: PathLike) -> str:
 
 
 def coco_result(xy: np.ndarray, scores: np.ndarray, det: dict, image_id: int, name: str):
-    """One COCO keypoint result (see the module docstring for the score)."""
+    """One COCO keypoint result, scored by :func:`kpnet.evaluate.instance_score`."""
     scores = np.asarray(scores, np.float64)
-    confident = scores[scores > RESCORE_THRESHOLD]
     flat = np.concatenate([np.asarray(xy, np.float64), scores[:, None]], axis=1)
     box = det["bbox"]
     return {
         "image_id": int(image_id),
         "category_id": int(det["category_id"]),
         "keypoints": [round(float(v), 3) for v in flat.reshape(-1)],
-        "score": float(det["score"] * (confident.mean() if confident.size else 0.0)),
+        "score": instance_score(scores, det["score"]),
         "bbox": [round(float(v), 2) for v in box] if box is not None else None,
         "file_name": name,
     }
