@@ -244,7 +244,10 @@ class ModelSection(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> ModelSection:
-        if any(s <= 0 or s % 32 for s in self.input_size):
+        if any(s <= 0 for s in self.input_size):
+            raise ValueError(f"input_size {list(self.input_size)}: H and W must be positive "
+                             "multiples of 32 (e.g. [256, 192])")  # fmt: skip
+        if any(s % 32 for s in self.input_size):
             raise ValueError(f"input_size {list(self.input_size)}: H and W must divide by 32")
         return self
 

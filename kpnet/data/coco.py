@@ -432,7 +432,7 @@ class _Annotations:
         (zeros elsewhere)."""
         out = np.zeros((self.n, num_values // 3, 3), np.float32)
         for rows, vals in self._kp.get(num_values, ()):
-            out[rows] = vals.reshape(len(rows), -1, 3)
+            out[rows] = vals.reshape(len(rows), num_values // 3, 3)  # rows may be empty
         return out
 
 
@@ -694,7 +694,7 @@ def _gt_one(
         return None
     kp = kp.reshape(spec.num_keypoints, 3)
     if not np.isfinite(kp).all():
-        report.bad("nan", f"{where}: NaN keypoint coordinates", on_error)
+        report.bad("nan", f"{where}: {_not_finite(kp)} keypoint coordinates", on_error)
         return None
     odd = sorted({float(v) for v in kp[:, 2]} - {0.0, 1.0, 2.0})
     if odd:
@@ -757,7 +757,7 @@ def _checked_record(
         report.bad("nan", f"{where}: bbox {bbox} is missing or not 4 finite numbers", on_error)
         return None
     if box[2] <= 0 or box[3] <= 0:
-        report.bad("zero_area", f"{where}: zero-area bbox {box.tolist()}", on_error)
+        report.bad("zero_area", f"{where}: {_empty_box(box)}", on_error)
         return None
     if not image_dir.exists(path):
         report.bad("missing_image", f"{where}: image file not found", on_error)
@@ -874,3 +874,30 @@ class ImageDir:
                         found[i] = self.exists(paths[i])
             return found
         return np.fromiter(map(self.exists, paths), bool, len(paths))
+
+
+def _not_finite(values: np.ndarray) -> str:
+    """What is wrong with values that are not all finite: ``NaN``, ``infinite`` or both.
+
+    >>> _not_finite(np.array([1.0, np.inf])), _not_finite(np.array([np.nan, -np.inf]))
+    ('infinite', 'NaN and infinite')
+    """
+    kinds = [name for name, bad in (("NaN", np.isnan(values).any()),
+                                    ("infinite", np.isinf(values).any())) if bad]  # fmt: skip
+    return " and ".join(kinds)
+
+
+def _empty_box(box: np.ndarray) -> str:
+    """Why a bbox with w <= 0 or h <= 0 is refused, in its own words.
+
+    >>> _empty_box(np.array([5.0, 5.0, -3.0, 20.0]))
+    'bbox [5.0, 5.0, -3.0, 20.0] has a negative width (-3): w and h must be > 0'
+    >>> _empty_box(np.array([5.0, 5.0, 10.0, 0.0]))
+    'zero-area bbox [5.0, 5.0, 10.0, 0.0] (height 0): w and h must be > 0'
+    """
+    (w, h), shown = box[2:4], box.tolist()
+    negative = [f"{name} ({v:g})" for name, v in (("width", w), ("height", h)) if v < 0]
+    if negative:
+        return f"bbox {shown} has a negative {' and '.join(negative)}: w and h must be > 0"
+    zero = " and ".join(name for name, v in (("width", w), ("height", h)) if v == 0)
+    return f"zero-area bbox {shown} ({zero} 0): w and h must be > 0"

@@ -426,6 +426,14 @@ def _columns(csv_path: PathLike, header: list[list[str]], spec: KeypointSpec):
                 f"from config.yaml {list(spec.names)}"
             )
         columns[col] = (index[name], 0 if coord == "x" else 1)
+    found = {columns[c] for c in columns}
+    missing = [n for i, n in enumerate(spec.names) if not {(i, 0), (i, 1)} <= found]
+    if missing:
+        raise DataError(
+            f"{csv_path}: no x / y columns for {', '.join(map(repr, missing))}, which "
+            "config.yaml lists under bodyparts: label them in DeepLabCut (its labelling GUI "
+            "adds the columns) or remove them from bodyparts"
+        )
     return columns, n_index
 
 
