@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner
+from _cli import invoke as _invoke
+from _cli import refused as _refused
 
 import kpnet.cli
 from kpnet.cli import main
@@ -35,22 +36,6 @@ TINY_RECIPE = {
     "evaluation": {"flip_test": False},
     "export": {"keypoints_model": False, "saved_model": False},
 }  # fmt: skip
-
-
-def _invoke(*args: str):
-    # catch_exceptions=False: an exception kpnet does not turn into a message fails the test
-    return CliRunner().invoke(main, list(args), catch_exceptions=False)
-
-
-def _refused(result, *needles: str) -> str:
-    """The one error line of a refused command; it holds every needle."""
-    assert result.exit_code not in (0, None), result.output
-    assert "Traceback" not in result.output, result.output
-    errors = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for needle in needles:
-        assert needle in errors[0], (needle, result.output)
-    return errors[0]
 
 
 def _write_recipe(path: Path, recipe: dict) -> Path:

@@ -21,10 +21,10 @@ import cv2
 import numpy as np
 import pytest
 import yaml
-from click.testing import CliRunner
+from _cli import invoke as _invoke
+from _cli import refused as _refused
 from PIL import Image
 
-from kpnet.cli import main
 from kpnet.data.images import MAX_PIXELS, header_of, probe, too_large
 from kpnet.data.records import DataError
 
@@ -50,21 +50,6 @@ def huge_png(path: Path, width: int = 20000, height: int = 20000) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat)
                      + chunk(b"IEND", b""))  # fmt: skip
     return path
-
-
-def _invoke(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
-def _refused(result, *needles: str) -> str:
-    """The one error line of a refused command; it holds every needle."""
-    assert result.exit_code not in (0, None), result.output
-    assert "Traceback" not in result.output, result.output
-    errors = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for needle in needles:
-        assert needle in errors[0], (needle, result.output)
-    return errors[0]
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ from kpnet.codec import CROP_MODES
 from kpnet.data.check import check_records, format_check
 from kpnet.data.images import MAX_PIXELS
 from kpnet.data.records import DataError, LoadReport, Records
-from kpnet.data.sources import load_source
 from kpnet.spec import KeypointSpec
 
 #: Skip reasons that are normal filtering, not bad data.
@@ -42,6 +41,8 @@ def _parse_size(value: str) -> tuple[int, int]:
 def _load_or_fail(
     source: str, images: str | None, on_error: str, allow_outside_root: bool = False
 ) -> tuple[KeypointSpec, Records]:
+    from kpnet.data.sources import load_source  # the data pipeline: TensorFlow
+
     try:
         return load_source(source, images, on_error, allow_outside_root)
     except DataError as err:
