@@ -6,7 +6,9 @@ turned into a ``Path``. Local paths go through Python's own ``open`` / ``os`` (f
 URLs through ``tf.io.gfile``. Writers and readers that need a local file (Keras'
 ``model.save``, h5py, OpenCV) go through :func:`staged` (write a local file, then put it in
 place atomically) and :func:`local_copy`; :func:`write_atomic` and :func:`staged_folder`
-replace a file or a folder only once the new one is complete.
+replace a file or a folder only once the new one is complete. A write that fails for lack of
+room or rights (disk full, quota, read-only, permissions) raises :class:`WriteError`: one
+line naming the file, the reason and the free space; the file it was to replace is intact.
 
 Example:
     >>> from kpnet import fs
@@ -20,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
 import re
@@ -27,7 +30,7 @@ import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -112,15 +115,30 @@ def isdir(path: PathLike) -> bool:
 
 
 def makedirs(path: PathLike) -> None:
-    if is_url(path):
-        _gfile().makedirs(os.fspath(path))
-    else:
-        os.makedirs(path, exist_ok=True)
+    """Create the folder ``path`` and its parents; WriteError when that is not allowed."""
+    with _write_errors(path):
+        if is_url(path):
+            _gfile().makedirs(os.fspath(path))
+        else:
+            os.makedirs(path, exist_ok=True)
 
 
 def listdir(path: PathLike) -> list[str]:
     names = _gfile().listdir(os.fspath(path)) if is_url(path) else os.listdir(path)
     return sorted(n.rstrip("/") for n in names)
+
+
+def files_under(folder: PathLike) -> list[str]:
+    """Every file below ``folder`` (a local path or a URL), as sorted ``/``-joined paths
+    relative to it; [] when it does not exist."""
+    folder = os.fspath(as_path(folder))
+    walk = _gfile().walk(folder) if is_url(folder) else os.walk(folder)
+    found = []
+    for root, _, names in walk:
+        rel = os.path.relpath(root, folder) if not is_url(folder) else root[len(folder) :]
+        parts = [p for p in rel.replace(os.sep, "/").split("/") if p not in ("", ".")]
+        found += ["/".join([*parts, n]) for n in names]
+    return sorted(found)
 
 
 def size(path: PathLike) -> int:
@@ -182,22 +200,28 @@ def staged(path: PathLike) -> Iterator[str]:
         makedirs(folder)
     if not is_url(path):
         tmp = _temp_beside(path)
-        try:
-            yield tmp
-            if os.path.lexists(tmp):
-                os.replace(tmp, path)
-        finally:
+
+        def discard() -> None:
             if os.path.lexists(tmp):
                 os.remove(tmp)
+
+        try:
+            with _write_errors(path, discard):
+                yield tmp
+                if os.path.lexists(tmp):
+                    os.replace(tmp, path)
+        finally:
+            discard()
         return
     local_dir = tempfile.mkdtemp(prefix="kpnet-")
     tmp = _temp_beside(path)
     try:
         local = os.path.join(local_dir, basename(path))
-        yield local
-        if os.path.exists(local):
-            _gfile().copy(local, tmp, overwrite=True)
-            rename(tmp, path)
+        with _write_errors(path, lambda: shutil.rmtree(local_dir, ignore_errors=True)):
+            yield local
+            if os.path.exists(local):
+                _gfile().copy(local, tmp, overwrite=True)
+                rename(tmp, path)
     finally:
         shutil.rmtree(local_dir, ignore_errors=True)
         if exists(tmp):
@@ -237,12 +261,13 @@ def staged_folder(path: PathLike) -> Iterator[str]:
     tmp = _temp_beside(path)
     makedirs(tmp)
     try:
-        yield tmp
-        rmtree(path)
-        if is_url(path):
-            _move_files(tmp, path)
-        else:
-            os.rename(tmp, path)
+        with _write_errors(path, lambda: rmtree(tmp)):
+            yield tmp
+            rmtree(path)
+            if is_url(path):
+                _move_files(tmp, path)
+            else:
+                os.rename(tmp, path)
     finally:
         rmtree(tmp)
 
@@ -293,3 +318,100 @@ def reason(err: BaseException) -> str:
     """The first line of an error's message (TensorFlow's ``OpError.message`` for URLs)."""
     text = str(getattr(err, "message", None) or err) or type(err).__name__
     return text.splitlines()[0][:200]
+
+
+# --------------------------------------------------------------------------- write errors
+#: ``errno`` values that mean a file cannot be written where it was asked for.
+WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                          errno.EPERM})  # fmt: skip
+#: Of those, the ones that more room would cure.
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+#: How libraries that lose the errno (HDF5, TensorFlow's file systems) say the same.
+_WRITE_TEXTS = {
+    "no space left on device": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
+    "read-only file system": errno.EROFS, "permission denied": errno.EACCES,
+    "resource_exhausted": errno.ENOSPC,
+}  # fmt: skip
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, quota, read-only, no permission).
+
+    ``str()`` is one line: the file, the reason, the free space of its folder and what to do.
+    Raised by :func:`write_atomic`, :func:`staged`, :func:`staged_folder` and :func:`makedirs`,
+    which never leave a partial file under the real name.
+    """
+
+    def __init__(self, message: str, code: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+def write_errno(err: BaseException) -> int | None:
+    """The write-failure ``errno`` of ``err`` (see :data:`WRITE_ERRNOS`), or None for others."""
+    code = getattr(err, "errno", None)
+    if code in WRITE_ERRNOS:
+        return code
+    text = str(getattr(err, "message", None) or err).lower()
+    return next((c for t, c in _WRITE_TEXTS.items() if t in text), None)
+
+
+def as_write_error(err: BaseException, path: PathLike) -> BaseException:
+    """``err`` as a :class:`WriteError` naming ``path`` when it is a write failure, else itself.
+
+    >>> str(as_write_error(OSError(errno.EROFS, "Read-only file system"), "/ro/a.json"))
+    'cannot write /ro/a.json: Read-only file system; write to another folder'
+    """
+    code = write_errno(err)
+    if code is None or isinstance(err, WriteError):
+        return err
+    path = os.fspath(path)
+    folder = dirname(path) or "."
+    if code in FULL_ERRNOS:
+        what = (f"{os.strerror(code)} ({free_space(folder)}); no file already there was "
+                "replaced. Free some space or write elsewhere")  # fmt: skip
+    elif code == errno.EROFS:
+        what = f"{os.strerror(code)}; write to another folder"
+    else:
+        what = f"{os.strerror(code)}; check the rights on {folder}, or write elsewhere"
+    return WriteError(f"cannot write {path}: {what}", code)
+
+
+@contextlib.contextmanager
+def _write_errors(path: PathLike, cleanup: Callable[[], Any] | None = None) -> Iterator[None]:
+    """Turn a write failure inside the block into a :class:`WriteError` naming ``path``;
+    ``cleanup`` (dropping the temporary file) runs first, so the free space is measured
+    without it."""
+    try:
+        yield
+    except io_errors() as err:
+        if cleanup is not None:
+            cleanup()
+        converted = as_write_error(err, path)
+        if converted is err:
+            raise
+        raise converted from err
+
+
+def free_space(folder: PathLike) -> str:
+    """``"2.1 MB free in FOLDER"`` (its nearest existing parent; ``shutil.disk_usage``), or
+    ``"free space unknown"`` for a URL."""
+    if is_url(folder):
+        return f"free space of {os.fspath(folder)} unknown"
+    probe = os.path.abspath(os.fspath(folder))
+    while not os.path.isdir(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return f"free space of {os.fspath(folder)} unknown"
+    return f"{human_size(free)} free in {os.fspath(folder)}"
+
+
+def human_size(n: float) -> str:
+    """Bytes for people: ``human_size(2_100_000) == "2.1 MB"``."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # unreachable

@@ -18,6 +18,8 @@ Example:
 
 from __future__ import annotations
 
+import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,14 @@ from kpnet import (
     models,  # noqa: F401  registers the backbones' layers for loading
 )
 from kpnet.models.fused_bn import fuse_batchnorm
-from kpnet.run_folder import SPEC, RunFolder, model_path
+from kpnet.run_folder import (
+    SPEC,
+    ModelFileError,
+    RunFolder,
+    check_model_file,
+    model_file_advice,
+    model_path,
+)
 from kpnet.spec import KeypointSpec, SpecError
 
 HEATMAP_MODEL_NAME = "heatmaps"
@@ -258,8 +267,7 @@ def load_model(
             its heatmap model is re-wrapped with its codec so changed.
     """
     path = model_path(path)
-    with fs.local_copy(path) as local:
-        model = keras.saving.load_model(local, compile=False, safe_mode=True)  # inference only
+    model = load_keras_file(path, compile=False)  # inference only
     fuse_batchnorm(model)
     decoders = [layer for layer in model.layers if isinstance(layer, KeypointDecoder)]
     if decoders:
@@ -271,6 +279,21 @@ def load_model(
     spec = _resolve_spec(spec, path, folder)
     codec = codec or folder.saved_codec()
     return build_keypoints_model(model, spec, codec, **options)
+
+
+def load_keras_file(path: str | Path, **kwargs: Any) -> keras.Model:
+    """``keras.saving.load_model(path, safe_mode=True, **kwargs)`` for a local path or a URL;
+    a file that is not a whole Keras model (empty, cut short, a broken ``config.json``) or
+    that Keras cannot rebuild is one :class:`~kpnet.run_folder.ModelFileError` naming it."""
+    with fs.local_copy(path) as local:
+        check_model_file(local, name=path)
+        try:
+            return keras.saving.load_model(local, safe_mode=True, **kwargs)
+        except (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile) as err:
+            raise ModelFileError(
+                f"{path} cannot be loaded as a Keras model ({fs.reason(err)}); "
+                f"{model_file_advice(os.fspath(path))}"
+            ) from None
 
 
 def _resolve_spec(spec: KeypointSpec | dict | None, path, folder: RunFolder) -> KeypointSpec:

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,11 @@ from kpnet.spec import KeypointSpec, SpecError
 
 class RunFolderError(RuntimeError):
     """The folder holds a run that cannot be resumed or read (another model or data, a bad file)."""
+
+
+class ModelFileError(RunFolderError, ValueError):
+    """A model file that cannot be loaded (empty, cut short, not a Keras archive); one line
+    naming it. A ValueError too, as the commands that load models report those."""
 
 
 #: Recipe keys that define the model, its data or its codec (a dotted prefix covers every key
@@ -152,11 +159,21 @@ class RunFolder:
             raise SpecError(f"{self.file(name)}: not JSON ({err}); re-run kpnet fit") from None
 
     def write_settings(self, recipe_yaml: str, spec: dict, codec: dict) -> None:
-        """``recipe.resolved.yaml``, ``spec.json`` and ``codec.json``, each written atomically."""
+        """``recipe.resolved.yaml``, ``spec.json`` and ``codec.json``, each written atomically;
+        a file that already holds the same text is left alone (a resume rewrites nothing it
+        does not change)."""
         fs.makedirs(self.path)
-        fs.write_atomic(self.file(RECIPE), recipe_yaml)
-        fs.write_atomic(self.file(SPEC), json.dumps(spec, indent=2))
-        fs.write_atomic(self.file(CODEC), json.dumps(codec, indent=2))
+        for name, text in ((RECIPE, recipe_yaml), (SPEC, json.dumps(spec, indent=2)),
+                           (CODEC, json.dumps(codec, indent=2))):  # fmt: skip
+            if not self._holds(name, text):
+                fs.write_atomic(self.file(name), text)
+
+    def _holds(self, name: str, text: str) -> bool:
+        path = self.file(name)
+        try:
+            return fs.isfile(path) and fs.read_bytes(path) == text.encode("utf-8")
+        except fs.io_errors():
+            return False
 
     def check_settings(self, settings: dict[str, Any]) -> list[tuple[str, Any, Any]]:
         """Refuse (RunFolderError, one line) a run whose locked recipe keys differ.
@@ -219,6 +236,56 @@ def short(value: Any, width: int = 60) -> str:
 
 def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
+
+
+#: What a ``.keras`` archive must hold to be loaded.
+KERAS_MEMBERS = ("config.json", "model.weights.h5")
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def check_model_file(path: str | os.PathLike, name: str | os.PathLike | None = None) -> None:
+    """ModelFileError (one line naming the file, what is wrong and what to do) unless
+    ``path`` is a whole ``.keras`` archive: a zip holding a JSON ``config.json`` and an HDF5
+    ``model.weights.h5``. Reads the zip's directory, the config and 8 bytes of the weights.
+
+    ``name``: how messages call the file (the original URL of a local copy).
+    """
+    with fs.local_copy(path) as local:
+        problem = _archive_problem(local)
+    if problem is not None:
+        shown = os.fspath(name if name is not None else path)
+        raise ModelFileError(f"{shown}: {problem}; {model_file_advice(shown)}")
+
+
+def model_file_advice(path: str) -> str:
+    """What to do about a model file that cannot be loaded."""
+    if fs.basename(path) == "keypoints.keras":
+        folder = fs.dirname(path) or "."
+        return (f"delete it to use {folder}'s best.keras, or re-run kpnet fit -o {folder} "
+                "to write it again")  # fmt: skip
+    return "replace it with a complete copy (a .keras model is a zip archive written by Keras)"
+
+
+def _archive_problem(local: str) -> str | None:
+    """What keeps the local file ``local`` from being a Keras archive, or None."""
+    if os.path.getsize(local) == 0:
+        return "the file is empty (0 bytes)"
+    try:
+        with zipfile.ZipFile(local) as archive:
+            names = set(archive.namelist())
+            missing = [m for m in KERAS_MEMBERS if m not in names]
+            if missing:
+                return f"not a Keras model archive (no {missing[0]} inside)"
+            try:
+                json.loads(archive.read("config.json"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                return f"its config.json is not valid JSON ({err})"
+            with archive.open("model.weights.h5") as weights:
+                if weights.read(len(_HDF5_SIGNATURE)) != _HDF5_SIGNATURE:
+                    return "its model.weights.h5 is not an HDF5 file"
+    except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as err:
+        return f"not a whole .keras archive: cut short, damaged or another kind of file ({err})"
+    return None
 
 
 def model_path(path: str | Path) -> str | Path:

@@ -16,29 +16,22 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from _runs import QUICKSTART, tiny_overrides
+from _runs import fit_cli as _fit_cli
+from _runs import leftovers as _leftovers
+from _runs import refused as _refused
+from _runs import snapshot as _snapshot
 
-from kpnet.cli import main
 from kpnet.data.sources import load_data
 from kpnet.recipe import load_recipe
 from kpnet.run_folder import RunFolderError
 from kpnet.training import check_run_folder, fit, nonfinite_weights
 
-REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "recipes" / "quickstart.yaml"
-
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> list[str]:
     """Overrides that shrink the quickstart recipe (input size left at its 96x96)."""
-    cache = tmp_path_factory.mktemp("pins")
-    return [
-        f"data.synthetic_pins.cache_dir={cache}", "data.synthetic_pins.num_train=16",
-        "data.synthetic_pins.num_val=8", "data.synthetic_pins.image_size=[64,64]",
-        "model.pyramid_channels=16", "train.batch_size=8", "train.steps_per_epoch=2",
-        "train.epochs=1", "train.verbose=0", "evaluation.flip_test=false",
-        "train.lr_schedule=constant", "train.warmup_epochs=0",
-    ]  # fmt: skip
+    return tiny_overrides(tmp_path_factory.mktemp("pins"))
 
 
 @pytest.fixture(scope="module")
@@ -48,34 +41,6 @@ def finished(tmp_path_factory, tiny) -> Path:
     result = _fit_cli(out, tiny)
     assert result.exit_code == 0, result.output
     return out
-
-
-def _fit_cli(out: Path, overrides: list[str], recipe: Path = QUICKSTART):
-    args = ["fit", str(recipe), "-o", str(out)]
-    for item in overrides:
-        args += ["--set", item]
-    # catch_exceptions=False: an exception kpnet does not turn into a message fails the test
-    return CliRunner().invoke(main, args, catch_exceptions=False)
-
-
-def _refused(result, *needles: str) -> str:
-    """The one error line of a refused command; it holds every needle."""
-    assert result.exit_code not in (0, None), result.output
-    assert "Traceback" not in result.output, result.output
-    errors = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for needle in needles:
-        assert needle in errors[0], (needle, result.output)
-    return errors[0]
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` (names and bytes)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
-def _leftovers(folder: Path) -> list[str]:
-    return [p.name for p in folder.rglob("*") if ".tmp" in p.name or p.name.startswith("tmp")]
 
 
 # --------------------------------------------------------------------------- the run itself

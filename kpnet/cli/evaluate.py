@@ -19,7 +19,7 @@ import click
 
 from kpnet import fs
 from kpnet.codec import CodecError
-from kpnet.run_folder import RunFolder
+from kpnet.run_folder import RunFolder, RunFolderError, check_model_file
 from kpnet.run_folder import model_path as resolve_model
 from kpnet.spec import COCO17_SIGMAS, SpecError
 
@@ -87,9 +87,9 @@ def evaluate(
             )
         else:
             raise click.UsageError("give MODEL [RECIPE], or --gt GT.json --predictions DT.json")
-    except (DataError, SpecError, CodecError, FileNotFoundError) as err:
+    except (DataError, SpecError, CodecError, FileNotFoundError, RunFolderError) as err:
         raise click.ClickException(str(err)) from None
-    except fs.io_errors() as err:  # e.g. a URL that cannot be reached
+    except fs.io_errors() as err:  # e.g. a URL that cannot be reached, a full disk
         raise click.ClickException(fs.reason(err)) from None
 
 
@@ -145,7 +145,8 @@ def _load(model_path, recipe_path, overrides, flip_test, detections: bool = Fals
     from kpnet.data.sources import load_validation
     from kpnet.inference import load_model
     from kpnet.recipe import RecipeError, load_recipe
-    resolve_model(model_path)  # FileNotFoundError naming it, before the data loads
+    # FileNotFoundError / ModelFileError naming the model, before the data loads
+    check_model_file(resolve_model(model_path))
     if recipe_path is None:
         recipe_path = RunFolder.of(model_path).recipe_file()
         if recipe_path is None:

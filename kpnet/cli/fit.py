@@ -30,6 +30,11 @@ its first backup holds nothing to resume and starts over with any settings. A re
 the settings that changed; with another optimizer or precision Keras cannot restore the
 optimizer state (moments, step count), so the learning-rate schedule restarts.
 
+A file that cannot be written (disk full, quota, read-only folder) stops the command with one
+line naming it and the free space of its folder; every file is written to a temporary name
+first, so no file already there is replaced by a partial one, and re-running the same command
+resumes from the last complete backup.
+
 A run never reports NaN as a success: when best.keras or last.keras holds NaN/inf weights,
 or the validation errors are not finite, the command fails without writing ``metrics.json``
 or ``keypoints.keras``.
@@ -41,6 +46,8 @@ import json
 from pathlib import Path
 
 import click
+
+from kpnet import fs
 
 
 class FitError(click.ClickException):
@@ -79,6 +86,9 @@ def fit(recipe: str, output: str | None, overrides: tuple[str, ...]) -> None:
             raise FitError(str(err)) from None
         except TrainingError as err:
             raise FitError(f"training stopped: {err}") from None
+        except fs.WriteError as err:  # disk full, read-only: every file whole, none partial
+            full = err.errno in fs.FULL_ERRNOS
+            raise FitError(f"{err}{', then re-run the same command to resume' * full}") from None
     except (RecipeError, DataError, SpecError) as err:
         raise FitError(str(err)) from None
     click.echo(_summary(result))

@@ -1,6 +1,9 @@
 """Keras callbacks used by :func:`kpnet.training.fit`: backups, history, NaN guard, metrics.
 
-Every file they write goes through :mod:`kpnet.fs`, so the run folder may be a URL.
+Every file they write goes through :mod:`kpnet.fs`, so the run folder may be a URL, and is
+written under a temporary name then renamed (Keras' checkpoints and TensorBoard's event
+files included): a full disk stops fit with :class:`kpnet.fs.WriteError` and never leaves a
+partial file under a real name.
 
 Example:
     >>> guard = NaNGuard()
@@ -13,12 +16,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import h5py
 import keras
 
 from kpnet import fs
+from kpnet.run_folder import RunFolderError
 
 BACKUP_WEIGHTS = "latest.weights.h5"
 BACKUP_META = "training_metadata.json"
@@ -106,14 +112,57 @@ def read_backup(backup_dir: str | os.PathLike) -> dict[str, Any] | None:
     """``{"epoch": completed epochs, "phase": i, "weights": path}`` or None when absent.
 
     ``backup_dir`` may be a URL; ``weights`` is then a URL too (load it through
-    :func:`kpnet.fs.local_copy`).
+    :func:`kpnet.fs.local_copy`). Both files are checked here, before a resume writes
+    anything: a metadata file that is not ``{"epoch": int, "phase": int}``, metadata without
+    its weights, or a weights file that is not a whole Keras weights file (HDF5 with its
+    ``layers`` group) is a :class:`~kpnet.run_folder.RunFolderError` naming the file.
     """
     meta_path = fs.join(backup_dir, BACKUP_META)
     weights = fs.join(backup_dir, BACKUP_WEIGHTS)
-    if not (fs.isfile(meta_path) and fs.isfile(weights)):
-        return None
-    meta = json.loads(fs.read_text(meta_path))
-    return {"epoch": int(meta["epoch"]), "phase": int(meta["phase"]), "weights": weights}
+    if not fs.isfile(meta_path):
+        return None  # no backup yet (weights alone: killed between the two writes)
+    meta = _backup_meta(meta_path, backup_dir)
+    if not fs.isfile(weights):
+        raise _backup_error(weights, "is missing (its training_metadata.json is there)",
+                            backup_dir)  # fmt: skip
+    problem = _weights_problem(weights)
+    if problem:
+        raise _backup_error(weights, problem, backup_dir)
+    return {**meta, "weights": weights}
+
+
+def _backup_meta(path: str, backup_dir: str | os.PathLike) -> dict[str, int]:
+    try:
+        meta = json.loads(fs.read_text(path))
+        epoch, phase = meta["epoch"], meta["phase"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                   for v in (epoch, phase)):  # fmt: skip
+            raise ValueError("epoch and phase must be whole numbers >= 0")
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise _backup_error(path, f"is not JSON ({err})", backup_dir) from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise _backup_error(path, f'is not {{"epoch": N, "phase": N}} ({err})',
+                            backup_dir) from None  # fmt: skip
+    return {"epoch": epoch, "phase": phase}
+
+
+def _weights_problem(path: str) -> str | None:
+    """What keeps ``path`` from being a whole Keras ``.weights.h5`` file, or None."""
+    try:
+        with fs.local_copy(path) as local, h5py.File(local, "r") as f:
+            if "layers" not in f:
+                return "is not a Keras weights file (no 'layers' group)"
+    except OSError as err:  # h5py: truncated, not HDF5, empty
+        return f"cannot be read ({fs.reason(err)})"
+    return None
+
+
+def _backup_error(path: str, problem: str, backup_dir: str | os.PathLike) -> RunFolderError:
+    return RunFolderError(
+        f"{path} {problem}, so the run cannot resume from its backup; delete "
+        f"{os.fspath(fs.as_path(backup_dir))} to train this run again from epoch 1, or use a "
+        "new output folder (-o)"
+    )
 
 
 class GuardedCheckpoint(keras.callbacks.ModelCheckpoint):
@@ -134,6 +183,45 @@ class GuardedCheckpoint(keras.callbacks.ModelCheckpoint):
         if self.save_best_only and not _finite(logs, self.monitor):
             return  # no validation this epoch (NaN placeholder) or a non-finite score
         super().on_epoch_end(epoch, logs)
+
+    def _save_model(self, epoch: int, batch: int | None, logs: dict | None) -> None:
+        """As Keras saves, but to a temporary file renamed over the checkpoint
+        (:func:`kpnet.fs.staged`): a full disk leaves the previous checkpoint whole."""
+        filepath = self._get_file_path(epoch, batch, logs)
+        if self._should_save_model(epoch, batch, logs, filepath):
+            with fs.staged(filepath) as tmp:
+                self.model.save(tmp, overwrite=True)
+
+
+class StagedTensorBoard(keras.callbacks.TensorBoard):
+    """``TensorBoard`` whose event files are written in memory (TensorFlow's ``ram://``) and
+    copied into ``log_dir`` after every epoch, each under a temporary name then renamed
+    (:func:`kpnet.fs.write_atomic`): no partial event file on a full disk, URLs work too."""
+
+    def __init__(self, log_dir: str | os.PathLike, **kwargs: Any) -> None:
+        self.target = os.fspath(log_dir)
+        self.staging = f"ram://kpnet-tensorboard/{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._copied: dict[str, int] = {}
+        super().__init__(self.staging, **kwargs)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        super().on_epoch_end(epoch, logs)
+        for writer in self._writers.values():
+            writer.flush()
+        self._publish()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        super().on_train_end(logs)  # closes (and flushes) the writers
+        self._publish()
+        fs.rmtree(self.staging)
+
+    def _publish(self) -> None:
+        """Copy every staged event file that grew into ``log_dir``."""
+        for rel in fs.files_under(self.staging):
+            data = fs.read_bytes(f"{self.staging}/{rel}")
+            if self._copied.get(rel) != len(data):
+                fs.write_atomic(fs.join(self.target, *rel.split("/")), data)
+                self._copied[rel] = len(data)
 
 
 class KeypointMetrics(keras.callbacks.Callback):

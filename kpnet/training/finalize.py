@@ -24,9 +24,10 @@ import numpy as np
 
 from kpnet import fs
 from kpnet.export import export_saved_model
+from kpnet.inference import load_keras_file
 from kpnet.models.fused_bn import fuse_batchnorm
 from kpnet.recipe import Recipe
-from kpnet.run_folder import RunFolder
+from kpnet.run_folder import RunFolder, check_model_file
 from kpnet.saving import register_keras_objects
 from kpnet.spec import KeypointSpec
 from kpnet.training.report import TrainingError, finite_cell, plot_curves, read_history
@@ -76,8 +77,7 @@ def finalize(
     if best is None:
         return result
     register_keras_objects()  # a finished run re-run in a new process has built no model
-    with fs.local_copy(best) as local:
-        model = keras.saving.load_model(local, safe_mode=True)
+    model = load_keras_file(best)
     fuse_batchnorm(model)
     metrics = _final_metrics(folder, monitor, evaluate, model)
     _check_finite_metrics(best, metrics)
@@ -103,8 +103,10 @@ def save_model_atomic(model: keras.Model, path: str) -> None:
 
 def _check_finite_weights(folder: RunFolder, best: str) -> None:
     """TrainingError when best.keras or last.keras holds NaN / inf weights."""
-    checked = dict.fromkeys([best, folder.file("last.keras")])
-    bad = {path: nonfinite_weights(path) for path in checked if fs.isfile(path)}
+    checked = [p for p in dict.fromkeys([best, folder.file("last.keras")]) if fs.isfile(p)]
+    for path in checked:  # ModelFileError naming a damaged file
+        check_model_file(path)
+    bad = {path: nonfinite_weights(path) for path in checked}
     poisoned = [path for path, names in bad.items() if names]
     if not poisoned:
         return

@@ -21,10 +21,12 @@ stop fit before ``metrics.json`` / ``keypoints.keras`` are written.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +49,7 @@ from kpnet.training.callbacks import (
     GuardedCheckpoint,
     KeypointMetrics,
     NaNGuard,
+    StagedTensorBoard,
     read_backup,
 )
 from kpnet.training.distribute import is_chief, make_strategy, num_workers
@@ -72,16 +75,58 @@ from kpnet.training.report import (
 from kpnet.training.validation import evaluator
 
 
+class _SkipLines(logging.Filter):
+    """fit's lines about unusable image files. :mod:`kpnet.data.pipeline` warns each time a
+    pipeline is built over a set; fit reports them when it first builds each set's pipeline,
+    naming the set (``training set: skipping ...``), and later pipelines over the same
+    records (precise BN, validation) stay quiet."""
+
+    LOGGER = "kpnet.data.pipeline"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.current: str | None = None
+
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls) -> Iterator[_SkipLines]:
+        skips, logger = cls(), logging.getLogger(cls.LOGGER)
+        logger.addFilter(skips)
+        try:
+            yield skips
+        finally:
+            logger.removeFilter(skips)
+
+    @contextlib.contextmanager
+    def named(self, name: str) -> Iterator[None]:
+        """Report the skips of the pipelines built in the block as ``name``'s."""
+        self.current = name
+        try:
+            yield
+        finally:
+            self.current = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING or not str(record.msg).startswith("skipping "):
+            return True
+        if self.current is None:
+            return False
+        record.msg = f"{self.current}: {record.msg}"
+        return True
+
+
 def _targets(recipe: Recipe):
     """``(images, keypoints) -> (images, {output: keypoints})`` for the recipe's model."""
     names = output_names(recipe)
     return lambda images, keypoints: (images, {name: keypoints for name in names})
 
 
-def _datasets(recipe, spec, train, val, config, strategy: tf.distribute.Strategy | None):
+def _datasets(recipe, spec, train, val, config, strategy: tf.distribute.Strategy | None,
+              skips: _SkipLines):  # fmt: skip
     """(training, validation) datasets; under multi-worker training each worker builds the
     pipeline of its own share of the images (``distribute_datasets_from_function``), so no
-    worker reads or augments another's images."""
+    worker reads or augments another's images. Each set's unusable image files are reported
+    here, once, naming the set (``skips``)."""
     t = recipe.train
     on_error = recipe.data.on_error
 
@@ -93,12 +138,14 @@ def _datasets(recipe, spec, train, val, config, strategy: tf.distribute.Strategy
 
     val_ds = None
     if val:
-        val_ds = build_dataset(
-            val, spec, config, t.batch_size, training=False, on_error=on_error
-        ).map(_targets(recipe))
-    if strategy is None:
-        return train_dataset(), val_ds
-    train_ds = strategy.distribute_datasets_from_function(train_dataset)
+        with skips.named("validation set"):
+            val_ds = build_dataset(
+                val, spec, config, t.batch_size, training=False, on_error=on_error
+            ).map(_targets(recipe))
+    with skips.named("training set"):
+        if strategy is None:
+            return train_dataset(), val_ds
+        train_ds = strategy.distribute_datasets_from_function(train_dataset)
     if val_ds is not None:  # a known, finite length: split batch-wise over the workers
         options = tf.data.Options()
         options.experimental_distribute.auto_shard_policy = (
@@ -150,12 +197,13 @@ def fit(recipe: Recipe, output_dir: str | Path) -> dict[str, Any]:
     keras.utils.set_random_seed(recipe.train.seed)
     keras.mixed_precision.set_global_policy(recipe.train.precision)
     try:
-        return _fit(recipe, RunFolder(output_dir), strategy)
+        with _SkipLines.installed() as skips:
+            return _fit(recipe, RunFolder(output_dir), strategy, skips)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
 
-def _fit(recipe: Recipe, folder: RunFolder, strategy: Any) -> dict[str, Any]:
+def _fit(recipe: Recipe, folder: RunFolder, strategy: Any, skips: _SkipLines) -> dict[str, Any]:
     chief = is_chief(strategy)
     if not chief:  # every worker saves (saving may sync variables); only the chief's count
         folder = RunFolder(folder.file(f".workers/worker-{strategy.cluster_resolver.task_id}"))
@@ -167,6 +215,7 @@ def _fit(recipe: Recipe, folder: RunFolder, strategy: Any) -> dict[str, Any]:
             "train.batch_size", f"{t.batch_size} does not divide over {replicas} replicas"
         )
     check_run_folder(recipe, folder)  # cheap: before loading the data
+    backup = read_backup(folder.backup)  # a bad backup: refused before anything is written
     spec, train, val = load_data(recipe)
     if not train:
         raise recipe.error("data", "no training records (check the data paths and split)")
@@ -175,7 +224,7 @@ def _fit(recipe: Recipe, folder: RunFolder, strategy: Any) -> dict[str, Any]:
     steps = t.steps_per_epoch or max(1, len(train) // t.batch_size)  # may exceed one pass
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     train_ds, val_ds = _datasets(recipe, spec, train, val, config,
-                                 strategy if multi_worker else None)  # fmt: skip
+                                 strategy if multi_worker else None, skips)  # fmt: skip
     evaluate = None if multi_worker else evaluator(recipe, spec, val, config)
     monitor = "val_px_mean" if evaluate else ("val_loss" if val else "loss")
     run = Run(recipe, folder, spec, steps, val_ds, evaluate, monitor, NaNGuard(), train)
@@ -191,17 +240,17 @@ def _fit(recipe: Recipe, folder: RunFolder, strategy: Any) -> dict[str, Any]:
         )
     )
     start = run.started = time.time()
-    backup = read_backup(folder.backup)
     initial = backup["epoch"] if backup else 0
     if initial >= t.epochs:
         log(f"{folder.path} already holds {initial} trained epochs (train.epochs={t.epochs})")
     else:
         with strategy.scope():
             model = build_model(recipe, spec, init=backup is None)
-            # every check passed: the folder changes now
+            phase = _restore(model, run, backup) if backup else None
+            # every check passed and the backup loaded: the folder changes now
             folder.write_settings(recipe.to_yaml(), spec.to_dict(), recipe.codec().to_dict())
             prepare_history(folder.path, initial)
-            _train_phases(run, model, train_ds, backup, initial)
+            _train_phases(run, model, train_ds, phase, initial)
     seconds = time.time() - start
     result = {"output_dir": folder.path, "initial_epoch": initial, "epochs": t.epochs}
     result["seconds"] = round(seconds, 1)
@@ -251,14 +300,17 @@ def _drop_worker_copies(folder: RunFolder) -> None:
     fs.rmtree(folder.file("logs"))
 
 
-def _train_phases(run: Run, model, train_ds, backup, initial: int) -> None:
+def _frozen_names(recipe: Recipe, phases: list[Phase]) -> set[str]:
+    """The backbone's layer names when some phase freezes it (or its BN), else none."""
+    freeze = any(p.frozen for p in phases) or backbone_bn_frozen(recipe)
+    return backbone_layer_names(recipe) if freeze else set()
+
+
+def _train_phases(run: Run, model, train_ds, current: Phase | None, initial: int) -> None:
+    """Train the phases not finished yet; ``current``: the phase the backup restored."""
     recipe = run.recipe
     phases = training_phases(recipe)
-    freeze = any(p.frozen for p in phases) or backbone_bn_frozen(recipe)
-    names = backbone_layer_names(recipe) if freeze else set()
-    current = None
-    if backup:
-        current = _restore(model, run, phases, backup, names)
+    names = _frozen_names(recipe, phases)
     for phase in phases:
         if phase.end <= initial:
             continue
@@ -285,7 +337,11 @@ def _train_phases(run: Run, model, train_ds, backup, initial: int) -> None:
             raise _nan_error(run)
 
 
-def _restore(model, run: Run, phases: list[Phase], backup: dict, names: set[str]) -> Phase:
+def _restore(model, run: Run, backup: dict) -> Phase:
+    """Configure the backup's phase and load its weights and optimizer state (nothing of the
+    run folder is written before this succeeded)."""
+    phases = training_phases(run.recipe)
+    names = _frozen_names(run.recipe, phases)
     by_index = {p.index: p for p in phases}
     phase = by_index.get(backup["phase"])
     if phase is None or backup["epoch"] > phase.end and phase != phases[-1]:
@@ -303,6 +359,12 @@ def _restore(model, run: Run, phases: list[Phase], backup: dict, names: set[str]
         raise RunFolderError(
             f"{run.folder.backup} does not fit this model ({fs.reason(err)}); "
             f"use a new output folder (-o) or delete {run.out} to start over"
+        ) from None
+    except (OSError, KeyError, TypeError) as err:  # damaged inside, past its header
+        raise RunFolderError(
+            f"{backup['weights']} cannot be read ({fs.reason(err)}), so the run cannot resume "
+            f"from its backup; delete {run.folder.backup} to train this run again from epoch "
+            "1, or use a new output folder (-o)"
         ) from None
     log(f"resuming from {run.folder.backup} after epoch {backup['epoch']}")
     return phase
@@ -325,7 +387,7 @@ def _callbacks(run: Run, phase: Phase) -> list[keras.callbacks.Callback]:
         ),
         GuardedCheckpoint(folder.file("last.keras"), run.guard),
         HistoryCSV(folder.file("history.csv")),
-        keras.callbacks.TensorBoard(folder.file("logs"), write_graph=False),
+        StagedTensorBoard(folder.file("logs"), write_graph=False),
         Backup(folder.backup, phase.index, run.guard, t.backup_every_steps),
     ]  # fmt: skip
     return cbs
@@ -352,7 +414,7 @@ def _precise_bn(run: Run) -> keras.callbacks.Callback | None:
                    else [records[i] for i in keep])  # fmt: skip
     config = pipeline_config(run.recipe)
 
-    def dataset() -> tf.data.Dataset:
+    def dataset() -> tf.data.Dataset:  # a subset of the training set: reported already
         return build_dataset(
             records, run.spec, config, t.batch_size, training=True, shuffle=True,
             repeat=True, seed=t.seed, on_error=run.recipe.data.on_error, drop_remainder=True,

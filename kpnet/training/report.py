@@ -19,6 +19,7 @@ from typing import Any
 import keras
 
 from kpnet import fs
+from kpnet.run_folder import RunFolderError
 
 
 class TrainingError(RuntimeError):
@@ -87,16 +88,31 @@ def _cell(value: Any) -> Any:
 
 
 def read_history(path: str) -> list[dict[str, str]]:
+    """The rows of ``history.csv`` ([] when absent); RunFolderError naming it when it is not
+    a history (no whole-number ``epoch`` column, not text)."""
     if not fs.isfile(path):
         return []
-    return list(csv.DictReader(io.StringIO(fs.read_text(path), newline="")))
+    try:
+        rows = list(csv.DictReader(io.StringIO(fs.read_text(path), newline="")))
+        for row in rows:
+            int(row["epoch"])
+    except (UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as err:
+        raise RunFolderError(
+            f"{path} is not a training history ({type(err).__name__}: {fs.reason(err)}); "
+            "delete it to start a new one (the run's models and backup are kept), or use a "
+            "new output folder (-o)"
+        ) from None
+    return rows
 
 
 def prepare_history(out: str, initial: int) -> None:
-    """Fresh run: drop an old history; resume: drop rows of epochs not in the backup."""
+    """Fresh run: drop an old history; resume: drop rows of epochs not in the backup (a
+    history with nothing to drop is left as it is)."""
     path = fs.join(out, "history.csv")
     rows = read_history(path)
     keep = [r for r in rows if initial and int(r["epoch"]) < initial]
+    if len(keep) == len(rows) and rows:
+        return
     if not keep:
         if fs.exists(path):
             fs.remove(path)
