@@ -79,7 +79,7 @@ def size_and_speed(name: str, timing_steps: int) -> dict:
     model.compile(keras.optimizers.Adam(1e-4), loss=losses, loss_weights=weights)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (BATCH, 256, 192, 3)).astype(np.uint8)
-    kp = np.concatenate([rng.uniform(2, 45, (BATCH, 17, 2)), np.full((BATCH, 17, 1), 2.0)], -1)
+    kp = np.concatenate([rng.uniform(8, 180, (BATCH, 17, 2)), np.full((BATCH, 17, 1), 2.0)], -1)
     targets = {n: kp.astype(np.float32) for n in model.output}
 
     def timed(fn) -> float:

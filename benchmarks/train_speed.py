@@ -127,11 +127,11 @@ def _record(case: str, args, precision: str, batch: int, seconds: float, **extra
 
 
 def synthetic_batch(batch: int, input_size, keypoints: int, seed: int = 0):
-    """uint8 images [B, H, W, 3] and keypoints [B, K, 3] (heatmap frame, all visible)."""
+    """uint8 images [B, H, W, 3] and keypoints [B, K, 3] (input pixels, all visible)."""
     rng = np.random.default_rng(seed)
     h, w = input_size
     images = rng.integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
-    xy = rng.uniform(2, [w / 4 - 3, h / 4 - 3], (batch, keypoints, 2))
+    xy = rng.uniform(8, [w - 12, h - 12], (batch, keypoints, 2))
     vis = np.full((batch, keypoints, 1), 2.0)
     return images, np.concatenate([xy, vis], -1).astype("float32")
 

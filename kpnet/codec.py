@@ -660,12 +660,17 @@ class Codec:
         return locate_fn(refined if graph else np.asarray(ops.convert_to_numpy(refined)))
 
     # -- encoding / decoding ------------------------------------------------------------
-    def encode(self, keypoints, sigma: float | None = None, channels=None):
-        """[B, K, 3] input-pixel keypoints -> [B, H/s, W/s, C] Gaussian heatmaps."""
+    def encode(self, keypoints, sigma: float | None = None, channels=None, num_channels=None):
+        """[B, K, 3] input-pixel keypoints -> [B, H/s, W/s, C] Gaussian heatmaps (points with
+        v > 0; keypoints sharing a channel through ``channels`` combine by their maximum).
+
+        The one encoding: the losses render their targets with it, on the device.
+        """
         kp = ops.cast(ops.convert_to_tensor(keypoints), "float32")
         hm_xy = input_to_heatmap(kp[..., :2], self.stride)
         kp = ops.concatenate([hm_xy, kp[..., 2:3]], axis=-1)
-        return render_heatmaps(kp, self.heatmap_size, sigma or self.refine_sigma, channels)
+        sigma = sigma or self.refine_sigma
+        return render_heatmaps(kp, self.heatmap_size, sigma, channels, num_channels=num_channels)
 
     def decode(self, heatmaps):
         """Heatmaps -> (xy [B, C, 2] input pixels, scores [B, C]) (one peak per channel).

@@ -1,8 +1,9 @@
 """CPN losses. Targets are keypoints; Gaussians are rendered inside the loss.
 
-Every loss takes ``y_true`` = keypoints [B, K, 3] (x, y, v) in heatmap coordinates and
-``y_pred`` = heatmaps [B, H, W, C], renders targets with :func:`kpnet.codec.render_heatmaps`
-(peak 1) and returns one value per sample [B] from ``call``, computed in float32. The standard
+Every loss takes ``y_true`` = keypoints [B, K, 3] (x, y, v) in input pixels (what the
+pipeline yields) and ``y_pred`` = heatmaps [B, H, W, C], renders targets with
+:meth:`kpnet.codec.Codec.encode` (peak 1; the codec's ``stride`` maps input pixels to heatmap
+pixels) and returns one value per sample [B] from ``call``, computed in float32. The standard
 Keras reduction (``sum_over_batch_size``) then gives the batch mean, and Keras 3's
 distribution scaling the global-batch mean under ``tf.distribute``.
 
@@ -13,7 +14,7 @@ distribution scaling the global-batch mean under ``tf.distribute``.
 
 Example:
     >>> import numpy as np
-    >>> kp = np.array([[[4.0, 5.0, 2.0], [2.0, 3.0, 0.0]]], "float32")   # B=1, K=2
+    >>> kp = np.array([[[17.5, 21.5, 2.0], [2.0, 3.0, 0.0]]], "float32")   # B=1, K=2
     >>> pred = np.zeros((1, 16, 12, 2), "float32")
     >>> loss = OHKMLoss(top_k=8, sigma=1.4)
     >>> round(float(loss(kp, pred)), 4)   # one labelled channel: its mean squared target
@@ -28,7 +29,9 @@ from collections.abc import Sequence
 import keras
 from keras import ops
 
-from kpnet.codec import DEFAULT_GLOBAL_SIGMAS, DEFAULT_REFINE_SIGMA, OUTPUT_NAMES, render_heatmaps
+from kpnet.codec import DEFAULT_GLOBAL_SIGMAS, DEFAULT_REFINE_SIGMA, OUTPUT_NAMES, Codec
+
+DEFAULT_STRIDE = Codec().stride
 
 _REDUCTION = "sum_over_batch_size"
 
@@ -43,12 +46,14 @@ class _HeatmapLoss(keras.losses.Loss):
         name: str | None = None,
         reduction: str | None = _REDUCTION,
         dtype: str | None = None,
+        stride: int = DEFAULT_STRIDE,
     ) -> None:
         super().__init__(name=name, reduction=reduction, dtype=dtype or "float32")
         if float(sigma) <= 0:
             raise ValueError(f"{type(self).__name__}: sigma must be > 0, got {sigma}")
         self.sigma = float(sigma)
         self.channels = None if channels is None else [int(c) for c in channels]
+        self.stride = int(stride)
 
     def _inputs(self, y_true, y_pred):
         keypoints = ops.cast(y_true, "float32")
@@ -61,9 +66,11 @@ class _HeatmapLoss(keras.losses.Loss):
         return keypoints, heatmaps
 
     def _render(self, keypoints, heatmaps):
-        """Gaussians [B, H, W, C] matching the prediction's shape (v > 0 points only)."""
+        """Gaussians [B, H, W, C] matching the prediction's shape (v > 0 points only),
+        encoded by the codec of that heatmap size."""
         h, w, c = (int(v) for v in heatmaps.shape[1:])
-        return render_heatmaps(keypoints, (h, w), self.sigma, self.channels, num_channels=c)
+        codec = Codec(input_size=(h * self.stride, w * self.stride), stride=self.stride)
+        return codec.encode(keypoints, self.sigma, self.channels, num_channels=c)
 
     def _channel_labelled(self, keypoints, num_channels: int):
         """float32 [B, C]: 1 where any keypoint of the channel has v > 0."""
@@ -74,7 +81,8 @@ class _HeatmapLoss(keras.losses.Loss):
         return ops.cast(ops.matmul(labelled, onehot) > 0, "float32")
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "sigma": self.sigma, "channels": self.channels}
+        return {**super().get_config(), "sigma": self.sigma, "channels": self.channels,
+                "stride": self.stride}  # fmt: skip
 
 
 @keras.saving.register_keras_serializable(package="kpnet")
@@ -218,6 +226,7 @@ def build_losses(
     refine_weight: float = 1.0,
     pixel_ratio: float = 0.1,
     outputs: Sequence[str] = OUTPUT_NAMES,
+    stride: int = DEFAULT_STRIDE,
 ) -> tuple[dict[str, keras.losses.Loss], dict[str, float]]:
     """Losses and loss weights for ``model.compile``, keyed by the model's ``outputs``.
 
@@ -255,17 +264,20 @@ def build_losses(
         )
     channels = list(spec.channels)
     losses: dict[str, keras.losses.Loss] = {
-        out: GlobalNetL2Loss(sigma=s, channels=channels, name=f"{out}_l2")
+        out: GlobalNetL2Loss(sigma=s, channels=channels, name=f"{out}_l2", stride=stride)
         for out, s in zip(OUTPUT_NAMES[:-1], global_sigmas, strict=True)
     }
     if refine_loss == "ohkm":
-        losses["refine"] = OHKMLoss(top_k=top_k, sigma=refine_sigma, channels=channels)
+        losses["refine"] = OHKMLoss(top_k=top_k, sigma=refine_sigma, channels=channels,
+                                    stride=stride)  # fmt: skip
     elif refine_loss == "l2":
         losses["refine"] = OHKMLoss(
-            top_k=spec.num_channels, sigma=refine_sigma, channels=channels, name="l2"
-        )
+            top_k=spec.num_channels, sigma=refine_sigma, channels=channels, name="l2",
+            stride=stride,
+        )  # fmt: skip
     else:
-        losses["refine"] = PixelOHKMLoss(ratio=pixel_ratio, sigma=refine_sigma, channels=channels)
+        losses["refine"] = PixelOHKMLoss(ratio=pixel_ratio, sigma=refine_sigma,
+                                         channels=channels, stride=stride)  # fmt: skip
     weights = {out: float(global_weight) / len(global_sigmas) for out in OUTPUT_NAMES[:-1]}
     weights["refine"] = float(refine_weight)
     return {k: losses[k] for k in outputs}, {k: weights[k] for k in outputs}

@@ -10,16 +10,25 @@ import pytest
 import tensorflow as tf
 
 import kpnet  # noqa: F401  (sets TF log level)
-from kpnet.codec import render_heatmaps
+from kpnet.codec import Codec, render_heatmaps
 from kpnet.losses import GlobalNetL2Loss, OHKMLoss, PixelOHKMLoss, build_losses
 from kpnet.spec import KeypointSpec
 
-H, W = 16, 12
+H, W = 16, 12  # heatmap size
+STRIDE = 4  # input pixels per heatmap pixel: the losses' default, the codec's
 
 
 # --------------------------------------------------------------------------- references
+def to_input(kp: np.ndarray) -> np.ndarray:
+    """Heatmap-pixel keypoints [..., 3] -> input pixels (x_in = STRIDE (x_hm + 0.5) - 0.5)."""
+    out = np.array(kp, np.float32)
+    out[..., :2] = STRIDE * (out[..., :2] + 0.5) - 0.5
+    return out
+
+
 def np_render(kp: np.ndarray, sigma: float, channels=None, num_channels=None) -> np.ndarray:
-    """Independent NumPy Gaussian rendering: [B,K,3] -> [B,H,W,C], max over shared channels."""
+    """Independent NumPy Gaussian rendering: [B,K,3] input-pixel keypoints -> [B,H,W,C]
+    heatmaps (x_hm = (x_in + 0.5) / STRIDE - 0.5), max over shared channels."""
     b, k, _ = kp.shape
     channels = list(range(k)) if channels is None else list(channels)
     c = num_channels or max(channels) + 1
@@ -28,6 +37,7 @@ def np_render(kp: np.ndarray, sigma: float, channels=None, num_channels=None) ->
     for i in range(b):
         for j in range(k):
             x, y, v = kp[i, j]
+            x, y = (x + 0.5) / STRIDE - 0.5, (y + 0.5) / STRIDE - 0.5
             if v > 0:
                 g = np.exp(-((xs - x) ** 2 + (ys - y) ** 2) / (2 * sigma**2))
                 out[i, :, :, channels[j]] = np.maximum(out[i, :, :, channels[j]], g)
@@ -74,7 +84,8 @@ def np_pixel_ohkm(pred, kp, sigma, channels, n, threshold) -> np.ndarray:
 def random_case(b: int, k: int, c: int | None = None, seed: int = 0):
     rng = np.random.default_rng(seed)
     kp = np.stack(
-        [rng.uniform(0, W - 1, (b, k)), rng.uniform(0, H - 1, (b, k)), np.full((b, k), 2.0)],
+        [rng.uniform(0, W * STRIDE - 1, (b, k)), rng.uniform(0, H * STRIDE - 1, (b, k)),
+         np.full((b, k), 2.0)],
         axis=-1,
     ).astype(np.float32)
     pred = rng.normal(0.2, 0.4, (b, H, W, c or k)).astype(np.float32)
@@ -85,7 +96,9 @@ def random_case(b: int, k: int, c: int | None = None, seed: int = 0):
 def test_rendered_peak_sits_at_subpixel_keypoint():
     kp = np.array([[[5.3, 9.7, 2.0], [2.0, 3.0, 0.0]]], np.float32)
     hm = np.asarray(render_heatmaps(kp, (H, W), sigma=1.5))
-    np.testing.assert_allclose(hm, np_render(kp, 1.5), atol=1e-6)
+    np.testing.assert_allclose(hm, np_render(to_input(kp), 1.5), atol=1e-6)
+    encoded = Codec((H * STRIDE, W * STRIDE), stride=STRIDE).encode(to_input(kp), sigma=1.5)
+    np.testing.assert_allclose(np.asarray(encoded), hm, atol=1e-6)  # what the losses render
     assert hm[..., 1].max() == 0.0  # v == 0 is not drawn
     g = np.log(hm[0, :, :, 0])
     y, x = np.unravel_index(np.argmax(g), g.shape)

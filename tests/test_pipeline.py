@@ -71,7 +71,7 @@ def test_markers_follow_full_augmentation(tmp_path):
     assert flipped.any() and not flipped.all() and np.abs(angles).max() > 10
     checked = 0
     for im, kp, m, i, f in zip(images, kps, affines, index, flipped, strict=True):
-        xy = codec.heatmap_to_input(kp[:, :2], 4.0)
+        xy = kp[:, :2]  # input-crop pixels
         expected = codec.transform_points(records[i].keypoints[:, :2], m)
         source = [1, 0, 2] if f else [0, 1, 2]  # flip: returned "left" is the right marker
         for j in range(3):
@@ -354,7 +354,7 @@ def test_coco_mini_keypoints_follow_affine():
         src = np.asarray(records[i].keypoints)
         if np.linalg.det(m[:, :2]) < 0:
             src = src[list(spec.flip_index)]
-        expected = codec.input_to_heatmap(codec.transform_points(src[:, :2], m), 4.0)
+        expected = np.asarray(codec.transform_points(src[:, :2], m))
         lab = kp[:, 2] > 0
         assert lab.any()
         np.testing.assert_allclose(kp[lab, :2], expected[lab], atol=1e-3)

@@ -1,4 +1,4 @@
-"""The tf.data pipeline: records -> (uint8 input crops, keypoints in heatmap coordinates).
+"""The tf.data pipeline: records -> (uint8 input crops, keypoints in input-crop pixels).
 
 Example:
     >>> from kpnet.data.pipeline import PipelineConfig, build_dataset
@@ -25,7 +25,7 @@ How it works:
    (:mod:`kpnet.data.augment`, stateless, keyed by seed, epoch and record, so a run is
    reproducible whatever the parallelism), its colour jitter and its output keypoints
    (the same matrix; a flip permutes them with ``spec.flip_index``; points leaving the crop
-   become v = 0 with (x, y) = 0; heatmap coordinates by :func:`kpnet.codec.input_to_heatmap`),
+   become v = 0 with (x, y) = 0; the losses encode them on the device with the codec),
    and every image its decode window and ratio (step 3): per image, only reading, decoding
    and warping are left, which keeps the per-image graph small;
 3. JPEGs are decoded only inside the bounding window of all the image's crops
@@ -316,7 +316,7 @@ class _Builder:
         return tf.where(whole[:, None], 0.0, boxes)
 
     def keypoints_out(self, idx: tf.Tensor, m: tf.Tensor) -> tf.Tensor:
-        """Keypoints [n,K,3] in heatmap coords; flipped order; outside / unlabelled -> 0."""
+        """Keypoints [n,K,3] in input-crop pixels; flipped order; outside / unlabelled -> 0."""
         kp = tf.gather(self.keypoints, idx)
         xy = codec.transform_points(kp[..., :2], m)
         v = kp[..., 2]
@@ -326,9 +326,8 @@ class _Builder:
         h, w = self.config.input_size
         x, y = xy[..., 0], xy[..., 1]
         inside = (v > 0) & (x >= -0.5) & (x < w - 0.5) & (y >= -0.5) & (y < h - 0.5)
-        hm = codec.input_to_heatmap(xy, float(self.config.stride))
-        hm = tf.where(inside[..., None], hm, 0.0)
-        return tf.concat([hm, tf.where(inside, v, 0.0)[..., None]], axis=-1)
+        xy = tf.where(inside[..., None], xy, 0.0)
+        return tf.concat([xy, tf.where(inside, v, 0.0)[..., None]], axis=-1)
 
     # -- stages -----------------------------------------------------------------------
     def epoch_tables(
@@ -488,8 +487,8 @@ def build_dataset(
             in tf.data).
 
     Returns:
-        ``(images [B,H,W,3], keypoints float32 [B,K,3])``, plus ``meta`` if asked; images
-        are uint8 when training, float32 (0..255, :func:`kpnet.crops.sample_crops`) else.
+        ``(images [B,H,W,3], keypoints float32 [B,K,3] in input-crop pixels)``, plus ``meta``
+        if asked; images are uint8 when training, float32 (0..255, :func:`kpnet.crops.sample_crops`) else.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error: {on_error!r} is not 'raise' or 'skip'")

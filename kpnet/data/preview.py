@@ -15,7 +15,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from kpnet import codec, fs
+from kpnet import fs
 from kpnet.data.pipeline import PipelineConfig, build_dataset
 from kpnet.data.records import InstanceRecord
 from kpnet.frames import write_image
@@ -71,9 +71,7 @@ def write_preview(
     ds = build_dataset(records, spec, pipeline_config, batch_size=n, training=training,
                        seed=seed, drop_remainder=False)  # fmt: skip
     images, keypoints = (np.asarray(t) for t in next(iter(ds.take(1))))
-    xy = codec.heatmap_to_input(keypoints[..., :2], float(pipeline_config.stride))
-    kps = np.concatenate([xy, keypoints[..., 2:]], axis=-1)
-    drawn = [draw_keypoints(im, kp, spec) for im, kp in zip(images, kps, strict=True)]
+    drawn = [draw_keypoints(im, kp, spec) for im, kp in zip(images, keypoints, strict=True)]
     path = fs.child(out_dir, "preview.png")
     write_image(path, tile(drawn))
     return path

@@ -197,6 +197,7 @@ def configure_phase(
         refine_weight=lo.refine_weight,
         pixel_ratio=lo.pixel_ratio,
         outputs=output_names(recipe),
+        stride=codec.stride,
     )
     model.compile(optimizer=_optimizer(recipe, schedule), loss=losses, loss_weights=weights)
     if not _under_strategy():
