@@ -7,9 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from click.testing import CliRunner
-
-from kpnet.cli import main
+from _cli import invoke, refused, snapshot  # noqa: F401  (re-exported for the run tests)
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
@@ -26,33 +24,11 @@ def tiny_overrides(cache: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def invoke(*args: str | Path):
-    """``kpnet ARGS`` in-process; catch_exceptions=False: an exception kpnet does not turn
-    into a message fails the test."""
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-
-
 def fit_cli(out: Path, overrides: list[str], recipe: Path = QUICKSTART):
     args: list[str | Path] = ["fit", recipe, "-o", out]
     for item in overrides:
         args += ["--set", item]
     return invoke(*args)
-
-
-def refused(result, *needles: str) -> str:
-    """The one error line of a refused command; it holds every needle."""
-    assert result.exit_code not in (0, None), result.output
-    assert "Traceback" not in result.output, result.output
-    errors = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
-    assert len(errors) == 1, result.output
-    for needle in needles:
-        assert needle in errors[0], (needle, result.output)
-    return errors[0]
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` (names and bytes)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
 def leftovers(folder: Path) -> list[str]:
