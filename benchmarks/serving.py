@@ -6,7 +6,8 @@ Prints JSON: batch-1 latency (median ms) and batch-N throughput (images/s) of
 * ``crops``: kpnet's ``crops`` signature (forward + decoding + heatmaps);
 * ``serving_default``: crop from a 480x640 image + forward + decoding + back to image px;
 
-and the overhead of decoding (``crops`` / ``bare`` - 1; goal <= 10 %).
+and the overhead of decoding and of the signatures' input checks (``crops`` / ``bare`` - 1;
+goal <= 10 %).
 
 Example:
     $ python benchmarks/serving.py --quick            # tiny backbone, a few seconds
