@@ -76,12 +76,12 @@ from kpnet.training.validation import evaluator
 
 
 class _SkipLines(logging.Filter):
-    """fit's lines about unusable image files. :mod:`kpnet.data.pipeline` warns each time a
-    pipeline is built over a set; fit reports them when it first builds each set's pipeline,
-    naming the set (``training set: skipping ...``), and later pipelines over the same
-    records (precise BN, validation) stay quiet."""
+    """fit's lines about unusable image files. The data pipeline warns each time a pipeline
+    is built over a set; fit reports them when it first builds each set's pipeline, naming
+    the set (``training set: skipping ...``), and later pipelines over the same records
+    (precise BN, validation) stay quiet. Other warnings pass unchanged."""
 
-    LOGGER = "kpnet.data.pipeline"
+    MARK = "unusable image files"
 
     def __init__(self) -> None:
         super().__init__()
@@ -90,12 +90,18 @@ class _SkipLines(logging.Filter):
     @classmethod
     @contextlib.contextmanager
     def installed(cls) -> Iterator[_SkipLines]:
-        skips, logger = cls(), logging.getLogger(cls.LOGGER)
-        logger.addFilter(skips)
+        """The filter on every ``kpnet.data`` logger (a logger's filters see only its own
+        records, not those its children propagate)."""
+        skips = cls()
+        names = [n for n in logging.root.manager.loggerDict if n.startswith("kpnet.data")]
+        loggers = [logging.getLogger(n) for n in names]
+        for logger in loggers:
+            logger.addFilter(skips)
         try:
             yield skips
         finally:
-            logger.removeFilter(skips)
+            for logger in loggers:
+                logger.removeFilter(skips)
 
     @contextlib.contextmanager
     def named(self, name: str) -> Iterator[None]:
@@ -107,7 +113,7 @@ class _SkipLines(logging.Filter):
             self.current = None
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING or not str(record.msg).startswith("skipping "):
+        if self.MARK not in str(record.msg):
             return True
         if self.current is None:
             return False
