@@ -586,6 +586,12 @@ class Codec:
         return (self.input_size[0] // self.stride, self.input_size[1] // self.stride)
 
     @property
+    def uses_boxes(self) -> bool:
+        """Whether inference crops around boxes (``topdown``, ``two_stage``); ``whole`` and
+        ``random_crop`` models see the whole frame whatever box they are given."""
+        return self.mode in ("topdown", "two_stage")
+
+    @property
     def aspect_ratio(self) -> float:
         """Input width / height."""
         return self.input_size[1] / self.input_size[0]
@@ -605,7 +611,7 @@ class Codec:
         zeros = ops.zeros_like(hw)
         image_box = ops.concatenate([zeros, ops.flip(hw, axis=-1)], axis=-1)  # (0, 0, W, H)
         whole = ops.logical_or(boxes[..., 2] <= 0, boxes[..., 3] <= 0)
-        if self.mode in ("whole", "random_crop"):
+        if not self.uses_boxes:
             whole = ops.logical_or(whole, True)
         boxes = ops.where(whole[..., None], image_box, boxes)
         pad = ops.where(whole[..., None], 1.0, ops.convert_to_tensor(self.padding, "float32"))

@@ -241,7 +241,7 @@ class KeypointServingModule(tf.Module):
         n = tf.shape(images)[0]
         hw = tf.cast(tf.tile(tf.shape(images)[None, 1:3], tf.stack([n, 1])), tf.float32)
         valid = _usable_boxes(boxes, hw)
-        if self.codec.mode in ("whole", "random_crop"):  # Codec.regions: boxes are ignored
+        if not self.codec.uses_boxes:  # Codec.regions: boxes are ignored
             valid = tf.ones_like(valid)
         image_box = tf.concat([tf.zeros_like(hw), tf.reverse(hw, [-1])], -1)  # (0, 0, W, H)
         boxes = tf.where(valid[:, None], boxes, image_box)  # never crop an unusable box
