@@ -316,7 +316,9 @@ def test_cli_model_mode(dot_data, tmp_path, monkeypatch):
     seen = {}
     monkeypatch.setattr(kpnet.recipe, "load_recipe", lambda p, o: seen.update(recipe=(p, o)))
     monkeypatch.setattr(kpnet.inference, "load_model", lambda p, spec, **kw: ColourPeakModel(1))
-    (tmp_path / "model.keras").write_text("")
+    import keras  # a well-formed .keras file: evaluate checks it before loading any data
+
+    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(tmp_path / "model.keras")
     (tmp_path / "recipe.yaml").write_text("")
     args = [str(tmp_path / "model.keras"), str(tmp_path / "recipe.yaml"), "--set", "a.b=1"]
     result = CliRunner().invoke(main, ["evaluate", *args, "-o", str(tmp_path / "ev")])
