@@ -384,7 +384,9 @@ def test_cli_detections_mode_scores_against_the_whole_ground_truth(dot_data, tmp
     }
     (tmp_path / "recipe.yaml").write_text(json.dumps(recipe))
     monkeypatch.setattr(kpnet.inference, "load_model", lambda p, spec, **kw: ColourPeakModel(1))
-    (tmp_path / "model.keras").write_text("")
+    import keras  # a well-formed .keras file: evaluate checks it before loading any data
+
+    keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)]).save(tmp_path / "model.keras")
     args = [
         "evaluate",
         str(tmp_path / "model.keras"),
