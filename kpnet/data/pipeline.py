@@ -488,7 +488,8 @@ def build_dataset(
 
     Returns:
         ``(images [B,H,W,3], keypoints float32 [B,K,3] in input-crop pixels)``, plus ``meta``
-        if asked; images are uint8 when training, float32 (0..255, :func:`kpnet.crops.sample_crops`) else.
+        if asked; images are uint8 when training, float32 (0..255,
+        :func:`kpnet.crops.sample_crops`) else.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error: {on_error!r} is not 'raise' or 'skip'")
