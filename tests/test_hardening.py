@@ -279,3 +279,23 @@ def test_decode_check_finds_images_training_cannot_read(coco, damage, why):
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "corrupt images    1" in result.output
     assert f"{images / '001.jpg'}: " in result.output and why in result.output
+
+
+def test_fit_skips_an_unusable_validation_image_with_on_error_skip(coco, tmp_path):
+    """data.on_error: skip drops a corrupt validation image once, up front, and validates on
+    the rest (fit's validation predicts every record it is given: it used to stop there)."""
+    write, data, images = coco
+    ann = write(data)
+    val = json.loads(json.dumps(data))
+    val["images"].append({"id": 3, "file_name": "broken.jpg", "height": 48, "width": 64})
+    val["annotations"].append({**val["annotations"][0], "id": 102, "image_id": 3})
+    (images / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    val_ann = tmp_path / "val.json"
+    val_ann.write_text(json.dumps(val))
+    recipe = _coco_recipe(tmp_path, ann, images, val_annotations=str(val_ann))
+    out = tmp_path / "run"
+    result = _invoke("fit", str(recipe), "-o", str(out), "--set", "data.on_error=skip")
+    assert result.exit_code == 0, result.output
+    assert "2 training / 2 validation instances" in result.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["overall"]["count"] == 4  # 2 frames x 2 keypoints, the broken one dropped

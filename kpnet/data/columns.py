@@ -315,3 +315,29 @@ def group(cols: Columns, keep: np.ndarray, consecutive: bool) -> Groups:
                    np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))  # fmt: skip
 
 
+def usable_records(
+    records: Sequence[InstanceRecord], spec: KeypointSpec, on_error: str,
+    max_pixels: int = MAX_PIXELS,
+) -> Sequence[InstanceRecord]:
+    """The records whose image file the pipeline can read (:func:`check_files`): the others
+    are a DataError (``on_error="raise"``) or dropped with one warning (``"skip"``). A
+    :class:`RecordTable` stays a table.
+
+    Example:
+        >>> import numpy as np
+        >>> from kpnet.data.records import InstanceRecord
+        >>> from kpnet.spec import KeypointSpec
+        >>> kp = np.array([[5, 5, 2]], np.float32)
+        >>> gone = [InstanceRecord("no/such.jpg", (0, 0, 9, 9), kp)]
+        >>> usable_records(gone, KeypointSpec(names=("p",)), "skip")
+        []
+    """
+    if not len(records):
+        return records
+    keep, *_ = check_files(record_arrays(records, spec), records, on_error, None, max_pixels)
+    if len(keep) == len(records):
+        return records
+    if isinstance(records, RecordTable):
+        return records.take(keep)
+    return [records[int(i)] for i in keep]
+

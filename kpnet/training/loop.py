@@ -36,6 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from kpnet import fs
+from kpnet.data.columns import usable_records
 from kpnet.data.pipeline import build_dataset
 from kpnet.data.records import InstanceRecord, RecordTable
 from kpnet.data.sources import load_data, pipeline_config
@@ -227,6 +228,9 @@ def _fit(recipe: Recipe, folder: RunFolder, strategy: Any, skips: _SkipLines) ->
         raise recipe.error("data", "no training records (check the data paths and split)")
     check_run_folder(recipe, folder, spec)  # the data's keypoint spec and the codec
     config = pipeline_config(recipe)
+    if val and recipe.data.on_error == "skip":  # validation predicts every record it is given
+        with skips.named("validation set"):
+            val = usable_records(val, spec, "skip", config.max_pixels)
     steps = t.steps_per_epoch or max(1, len(train) // t.batch_size)  # may exceed one pass
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     train_ds, val_ds = _datasets(recipe, spec, train, val, config,
