@@ -156,3 +156,66 @@ def test_kpnet_fit_runs_recipe(path, synthetic_cache, tmp_path):
     if recipe.evaluation.max_peaks:  # shared channel: detection-style pin report
         pins = metrics["pins"]["overall"]
         assert pins["num_true"] == pins["matched"] + pins["misses"]
+
+
+# --------------------------------------------------------------------------- the DLC recipe
+DLC_RECIPE = REPO / "recipes" / "dlc-project.yaml"
+
+
+def grey_mirror_project(root: Path, frames: int = 6, hw: tuple[int, int] = (48, 160)) -> Path:
+    """A DeepLabCut project like a two-view mirror one: grey (1-channel) PNG frames wider
+    than the recipe's input aspect, 17 body parts, about half of the labels missing."""
+    from PIL import Image
+
+    names = [f"part{i}_{view}" for view in ("side", "mirror") for i in range(9)][:17]
+    folder = root / "labeled-data" / "video1"
+    folder.mkdir(parents=True)
+    (root / "config.yaml").write_text(
+        "Task: mirror\nscorer: me\nbodyparts:\n" + "".join(f"- {n}\n" for n in names)
+        + "TrainingFraction:\n- 0.67\n"
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    header = [["scorer", "", "", *["me"] * 34], ["bodyparts", "", "", *np.repeat(names, 2)],
+              ["coords", "", "", *["x", "y"] * 17]]  # fmt: skip
+    rows = []
+    for f in range(frames):
+        Image.fromarray(rng.integers(0, 255, hw, np.uint8), mode="L").save(folder / f"img{f}.png")
+        xy = rng.uniform(2, [hw[1] - 2, hw[0] - 2], (17, 2))
+        cells = [[f"{x:.1f}", f"{y:.1f}"] if rng.random() > 0.5 else ["", ""] for x, y in xy]
+        rows.append(["labeled-data", "video1", f"img{f}.png", *sum(cells, [])])
+    (folder / "CollectedData_me.csv").write_text("\n".join(",".join(r) for r in header + rows))
+    return root
+
+
+def test_dlc_recipe_takes_grey_frames_missing_labels_17_parts(tmp_path):
+    """The DLC recipe on the hidden projects' shapes: grey frames come in as RGB, missing
+    labels are unlabelled (v=0), 17 channels, a frame of another aspect letterboxed; one
+    training step, then a grey frame predicted inside the frame."""
+    from kpnet.data.pipeline import build_dataset
+    from kpnet.frames import read_image
+    from kpnet.inference import build_keypoints_model
+    from kpnet.runner import Predictor
+
+    project = grey_mirror_project(tmp_path / "mirror")
+    recipe = load_recipe(DLC_RECIPE, [f"data.dlc.project={project}", *tiny_overrides(DLC_RECIPE)])
+    spec, train, val = load_data(recipe)
+    assert spec.num_keypoints == 17 and spec.num_channels == 17
+    assert len(val) == 2 and len(train) == 4  # 1 - TrainingFraction held out
+    ds = build_dataset(train, spec, pipeline_config(recipe), 2, training=True, seed=0)
+    images, keypoints = next(iter(ds))
+    assert images.shape == (2, 64, 64, 3) and images.dtype == "uint8"
+    assert (keypoints[..., 2].numpy() == 0).any() and (keypoints[..., 2].numpy() > 0).any()
+    model, logs, _, _, _ = _one_step(recipe)
+    assert np.isfinite(logs["loss"]) and model.output["refine"].shape[-1] == 17
+    image = read_image(train[0].image_path)
+    assert image.shape == (48, 160, 3)
+    xy, _ = Predictor(build_keypoints_model(model, spec, recipe.codec())).predict(image)
+    assert xy.shape == (1, 17, 2)
+    assert (xy >= -0.5).all() and (xy[..., 0] <= 159.5).all() and (xy[..., 1] <= 47.5).all()
+
+
+def test_dlc_recipe_keeps_the_final_weights():
+    """One validation, at the end: the model a run folder serves (best.keras) is the one the
+    annealed schedule ends on, not the luckiest of several scores on a few held-out frames."""
+    t = load_recipe(DLC_RECIPE).train
+    assert t.validation_every >= t.epochs and t.lr_schedule == "cosine"
