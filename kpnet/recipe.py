@@ -298,6 +298,7 @@ class LossSection(_Strict):
 
 class AugmentSection(_Strict):
     scale: tuple[float, float] = (0.7, 1.35)
+    translate: float = Field(0.0, ge=0.0, le=1.0)  # centre shift, fraction of the region size
     rotation: float = Field(45.0, ge=0.0)
     rotation_prob: float = Field(0.6, ge=0.0, le=1.0)
     flip: bool = True

@@ -231,6 +231,37 @@ def test_single_object_modes(tmp_path, mode):
         assert (box >= -0.5 - 1e-3).all() and (box <= [95.5, 63.5]).all()
 
 
+@pytest.mark.parametrize("translate", [0.0, 0.2])
+def test_translate_moves_the_whole_frame_within_its_range(tmp_path, translate):
+    """augment.translate shifts the region's centre by up to translate x its size, in x and y
+    independently; the keypoints follow the image (the same matrix); 0 leaves it centred."""
+    records = _marker_images(tmp_path, 12)
+    aug = AugmentConfig(scale=(1, 1), rotation=0.0, flip=False, translate=translate, **NO_COLOR)
+    cfg = PipelineConfig(codec=Codec((64, 96), mode="whole"), augment=aug, shuffle_buffer=1)
+    rep = build_dataset(records, SPEC, cfg, 4, True, seed=1, repeat=True, with_meta=True)
+    shifts = []
+    for _, kp, meta in rep.take(6):
+        for ki, mi, i in zip(np.asarray(kp), np.asarray(meta["affine"]),
+                             np.asarray(meta["index"]), strict=True):  # fmt: skip
+            center = codec.transform_points(np.array([47.5, 31.5]), codec.invert_affine(mi))
+            shifts.append((center - [59.5, 44.5]) / [135.0, 90.0])  # region: 135 x 90 pixels
+            seen = ki[:, 2] > 0
+            expected = codec.transform_points(records[i].keypoints[:, :2], mi)
+            np.testing.assert_allclose(ki[seen, :2], expected[seen], atol=1e-3)
+    shifts = np.array(shifts)
+    assert np.abs(shifts).max() <= translate + 1e-4
+    if translate:
+        assert np.abs(shifts).max(0).min() > translate / 2  # both axes, not one
+        assert np.corrcoef(shifts.T)[0, 1] < 0.9
+    else:
+        np.testing.assert_allclose(shifts, 0.0, atol=1e-4)
+
+
+def test_translate_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="augment.translate"):
+        AugmentConfig(translate=1.5)
+
+
 def test_half_body_recentres_on_upper_points(tmp_path):
     records = _marker_images(tmp_path, 12)
     aug = AugmentConfig(

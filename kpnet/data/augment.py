@@ -14,6 +14,9 @@ Example:
 Choices (documented defaults):
 
 * scale: the crop region's size is multiplied by ``s ~ U(scale)`` (s > 1 zooms out).
+* translate: the crop region's centre moves by ``U(-translate, translate)`` times its size in
+  x and in y (0 by default; whole-frame models need it: without it each point of the frame
+  always lands near the same input pixel, and the model learns positions, not looks).
 * rotation: ``U(-rotation, rotation)`` degrees, applied with probability ``rotation_prob``
   (0.6 as in SimpleBaselines / HRNet; tf-cpn rotates every sample, set 1.0 for that).
 * flip: horizontal mirror with probability 0.5, part of the matrix; the keypoint order is
@@ -52,6 +55,7 @@ class AugmentConfig:
 
     Args:
         scale: range of the random crop-size factor (s > 1 zooms out).
+        translate: maximum shift of the crop region's centre, as a fraction of its size.
         rotation: maximum absolute rotation in degrees.
         rotation_prob: probability of rotating a sample at all.
         flip: random horizontal flips (uses ``spec.flip_index``).
@@ -68,6 +72,7 @@ class AugmentConfig:
     """
 
     scale: tuple[float, float] = (0.7, 1.35)
+    translate: float = 0.0
     rotation: float = 45.0
     rotation_prob: float = 0.6
     flip: bool = True
@@ -82,7 +87,7 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", tuple(float(s) for s in self.scale))
-        for key in ("rotation", "rotation_prob", "half_body_prob", "brightness", "contrast",
+        for key in ("translate", "rotation", "rotation_prob", "half_body_prob", "brightness", "contrast",
                     "saturation", "hue"):  # fmt: skip
             object.__setattr__(self, key, float(getattr(self, key)))
         object.__setattr__(self, "photometric", tuple(dict(t) for t in self.photometric or ()))
@@ -91,6 +96,8 @@ class AugmentConfig:
         for key in ("rotation_prob", "half_body_prob"):
             if not 0.0 <= getattr(self, key) <= 1.0:
                 raise ValueError(f"augment.{key}: must be in [0, 1], got {getattr(self, key)}")
+        if not 0.0 <= self.translate <= 1.0:
+            raise ValueError(f"augment.translate: must be in [0, 1], got {self.translate}")
         if not 0.0 <= self.hue <= 0.5:
             raise ValueError(f"augment.hue: must be in [0, 0.5], got {self.hue}")
         build_albumentations(self.photometric)  # fail early on unknown names / bad kwargs
@@ -120,6 +127,23 @@ def sample_geometry(
     rot = tf.where(u[:, 2] < config.rotation_prob, rot, tf.zeros_like(rot))
     flip = u[:, 3] < (0.5 if config.flip else 0.0)
     return scale, rot, flip, u[:, 4:6]
+
+
+def shift_centers(config: AugmentConfig, seed: tf.Tensor, center: tf.Tensor,
+                  size: tf.Tensor) -> tf.Tensor:
+    """Centres [n, 2] moved by ``U(-translate, translate) * size`` (unchanged at 0).
+
+    Example:
+        >>> import tensorflow as tf
+        >>> c = shift_centers(AugmentConfig(translate=0.1), tf.constant([1, 2]),
+        ...                   tf.zeros([3, 2]), tf.fill([3, 2], 100.0))
+        >>> bool(tf.reduce_all(tf.abs(c) <= 10.0))
+        True
+    """
+    if config.translate == 0.0:
+        return center
+    u = tf.random.stateless_uniform(tf.shape(center), seed=seed, minval=-1.0, maxval=1.0)
+    return center + u * config.translate * size
 
 
 def half_body(

@@ -302,6 +302,8 @@ class _Builder:
                                          cfg.aspect_ratio)  # fmt: skip
         if cfg.mode != "random_crop":
             size = size * scale[:, None]
+            center = aug.shift_centers(cfg.augment, tf.random.experimental.stateless_fold_in(
+                seeds[0], 1), center, size)
         return codec.crop_affine(center, size, cfg.input_size, rot, flip)
 
     def _two_stage_boxes(self, idx: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
