@@ -111,6 +111,32 @@ CROP_MODES: tuple[str, ...] = ("topdown", "whole", "random_crop", "two_stage")
 DEFAULT_WHOLE_FRACTION: float = 0.5
 
 
+#: Input sizes are multiples of this (the deepest trunk stride).
+INPUT_MULTIPLE: int = 32
+
+
+def input_size_for(frame_hw: Sequence[int], pixels: int) -> tuple[int, int]:
+    """The input size (H, W), multiples of 32, of about ``pixels`` pixels with the aspect of
+    frames of ``frame_hw`` (H, W): what ``model.input_size: auto`` trains whole frames at, so
+    no input pixel is spent on padding whatever the camera's aspect.
+
+    Example:
+        >>> input_size_for((480, 640), 320 * 416), input_size_for((747, 832), 320 * 416)
+        ((320, 416), (352, 384))
+        >>> input_size_for((512, 1536), 320 * 416)  # two views side by side
+        (224, 640)
+    """
+    h, w = (float(v) for v in frame_hw)
+    if not (h > 0 and w > 0 and pixels > 0):
+        raise ValueError(f"input_size_for: need a positive frame size and pixel count, got "
+                         f"{tuple(frame_hw)} and {pixels}")  # fmt: skip
+    height = (pixels * h / w) ** 0.5
+    m = INPUT_MULTIPLE
+    rows = max(m, int(round(height / m)) * m)
+    cols = max(m, int(round(height * w / h / m)) * m)
+    return rows, cols
+
+
 def _numpy_in_numpy_out(fn):
     """Return numpy arrays when no argument is a backend tensor (numpy callers get numpy;
     graph callers, e.g. tf.data or the SavedModel, get tensors)."""

@@ -237,13 +237,18 @@ class ModelSection(_Strict):
     head: Literal[HEADS] = "cpn"  # type: ignore[valid-type]  # hrnet: backbone hrnet_w32 only
     alpha: float = Field(1.0, gt=0.0)  # MobileNetV2 width multiplier (1.0 for other trunks)
     backbone_weights: str | None = None  # null | imagenet | path to a weights file
-    input_size: tuple[int, int] = _CODEC.input_size
+    # [H, W], or auto: whole frames' own aspect at about input_pixels pixels (kpnet fit reads
+    # the training frames' sizes and saves the [H, W] it picks in the run folder)
+    input_size: tuple[int, int] | Literal["auto"] = _CODEC.input_size
+    input_pixels: int = Field(_CODEC.input_size[0] * _CODEC.input_size[1], ge=32 * 32)
     pyramid_channels: int = Field(256, ge=1)  # head width: CPN pyramid / SimpleBaseline deconvs
     init_from: URL | Path | None = None
     bn_momentum: float = Field(0.9, gt=0.0, lt=1.0)  # BatchNorm moving-average momentum
 
     @model_validator(mode="after")
     def _check(self) -> ModelSection:
+        if self.input_size == "auto":
+            return self
         if any(s <= 0 for s in self.input_size):
             raise ValueError(f"input_size {list(self.input_size)}: H and W must be positive "
                              "multiples of 32 (e.g. [256, 192])")  # fmt: skip
@@ -381,6 +386,9 @@ class Recipe(_Strict):
     def codec(self) -> Codec:
         """The :class:`kpnet.codec.Codec` of this recipe: geometry, sigmas and decoding."""
         d, e, lo = self.data, self.evaluation, self.loss
+        if self.model.input_size == "auto":
+            raise self.error("model.input_size", "auto is set from the training frames' sizes "
+                             "(kpnet.data.sources.resolve_input_size), not known yet")  # fmt: skip
         return Codec(
             input_size=tuple(self.model.input_size),
             global_sigmas=tuple(lo.global_sigmas),
@@ -395,6 +403,11 @@ class Recipe(_Strict):
             threshold=e.threshold,
             min_distance=e.min_distance,
         )
+
+    def with_input_size(self, size: tuple[int, int]) -> Recipe:
+        """A copy of this recipe with ``model.input_size`` = ``size`` (H, W)."""
+        model = self.model.model_copy(update={"input_size": (int(size[0]), int(size[1]))})
+        return self.model_copy(update={"model": model})
 
     def check_files(self) -> None:
         """Raise RecipeError naming the key of every input path that does not exist."""

@@ -175,16 +175,20 @@ class RunFolder:
         except fs.io_errors():
             return False
 
-    def check_settings(self, settings: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    def check_settings(
+        self, settings: dict[str, Any], resolved_later: Sequence[str] = ()
+    ) -> list[tuple[str, Any, Any]]:
         """Refuse (RunFolderError, one line) a run whose locked recipe keys differ.
 
         ``settings`` is the resolved recipe as JSON-like data. Returns the keys free to
         change that did, as ``(key, old, new)``; a folder without a trained run passes.
+        ``resolved_later``: keys not compared here (``auto`` values, checked once resolved).
         """
         if not self.holds_trained_run():
             return []
         old = self.read(RECIPE)
         diffs = differences(old, _as_json(settings)) if old is not None else []
+        diffs = [d for d in diffs if d[0] not in resolved_later]
         self._refuse([d for d in diffs if is_locked(d[0])])
         return [d for d in diffs if not is_locked(d[0])]
 

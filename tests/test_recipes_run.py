@@ -214,6 +214,37 @@ def test_dlc_recipe_takes_grey_frames_missing_labels_17_parts(tmp_path):
     assert (xy >= -0.5).all() and (xy[..., 0] <= 159.5).all() and (xy[..., 1] <= 47.5).all()
 
 
+def test_dlc_recipe_sizes_its_input_to_the_frames(tmp_path):
+    """``model.input_size: auto`` (the DLC recipe's): frames 3.3x wider than tall train at an
+    input of their aspect, saved in the run folder; the same command resumes (auto is not a
+    change), predict and a resume with another size use / refuse it."""
+    from tests._cli import invoke, refused
+
+    project = grey_mirror_project(tmp_path / "mirror")
+    assert load_recipe(DLC_RECIPE).model.input_size == "auto"
+    sets = [f"data.dlc.project={project}", "model.input_pixels=2048",
+            *[o for o in tiny_overrides(DLC_RECIPE) if not o.startswith("model.input_size")]]
+    args = ["fit", DLC_RECIPE, "-o", tmp_path / "run", *sum((["--set", o] for o in sets), [])]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "input 32x96 (auto: the frames' aspect)" in result.output
+    codec = json.loads((tmp_path / "run" / "codec.json").read_text())
+    assert codec["input_size"] == [32, 96]
+    saved = load_recipe(tmp_path / "run" / "recipe.resolved.yaml")
+    assert saved.model.input_size == (32, 96) and saved.codec().input_size == (32, 96)
+    again = invoke(*args)
+    assert again.exit_code == 0 and "already holds 1 trained epochs" in again.output
+    frame = project / "labeled-data" / "video1" / "img0.png"
+    out = tmp_path / "pred.json"
+    assert invoke("predict", tmp_path / "run", frame, "-o", out).exit_code == 0
+    xy = np.reshape(json.loads(out.read_text())[0]["keypoints"], (-1, 3))[:, :2]
+    assert xy.shape == (17, 2) and (xy[:, 0] <= 159.5).all() and (xy[:, 1] <= 47.5).all()
+    other = invoke(*args, "--set", "model.input_pixels=8192")
+    refused(other, "input_pixels")
+    with pytest.raises(ValueError, match="model.input_size: auto"):
+        load_recipe(DLC_RECIPE, [f"data.dlc.project={project}"]).codec()
+
+
 def test_dlc_recipe_keeps_the_final_weights():
     """One validation, at the end: the model a run folder serves (best.keras) is the one the
     annealed schedule ends on, not the luckiest of several scores on a few held-out frames."""

@@ -87,8 +87,8 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale", tuple(float(s) for s in self.scale))
-        for key in ("translate", "rotation", "rotation_prob", "half_body_prob", "brightness", "contrast",
-                    "saturation", "hue"):  # fmt: skip
+        for key in ("translate", "rotation", "rotation_prob", "half_body_prob", "brightness",
+                    "contrast", "saturation", "hue"):  # fmt: skip
             object.__setattr__(self, key, float(getattr(self, key)))
         object.__setattr__(self, "photometric", tuple(dict(t) for t in self.photometric or ()))
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:

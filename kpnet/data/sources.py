@@ -19,9 +19,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from kpnet import fs
+from kpnet.codec import input_size_for
 from kpnet.data.augment import AugmentConfig
 from kpnet.data.coco import load_coco_records
 from kpnet.data.dlc import default_val_fraction, load_dlc_records, split_dlc
+from kpnet.data.images import probe
 from kpnet.data.pipeline import PipelineConfig
 from kpnet.data.records import DataError, InstanceRecord, RecordTable
 from kpnet.data.synthetic import ensure_synthetic_pins, pin_spec
@@ -166,13 +168,43 @@ def split_by_image(
 def load_training(recipe: Recipe):
     """(spec, training records, pipeline config) of a recipe."""
     spec, train, _ = load_data(recipe)
-    return spec, train, pipeline_config(recipe)
+    return spec, train, pipeline_config(resolve_input_size(recipe, train))
 
 
 def load_validation(recipe: Recipe, detections: bool = False):
     """(spec, validation records, pipeline config); used by ``kpnet evaluate MODEL RECIPE``."""
-    spec, _, val = load_data(recipe, detections)
-    return spec, val, pipeline_config(recipe)
+    spec, train, val = load_data(recipe, detections)
+    return spec, val, pipeline_config(resolve_input_size(recipe, train if len(train) else val))
+
+
+#: How many frames, evenly spaced over a set, ``model.input_size: auto`` reads the size of.
+AUTO_SIZE_FRAMES = 200
+
+
+def resolve_input_size(recipe: Recipe, records: Sequence[InstanceRecord]) -> Recipe:
+    """``recipe`` with ``model.input_size: auto`` set to the frames' median aspect (W / H) at
+    about ``model.input_pixels`` pixels (:func:`kpnet.codec.input_size_for`), read from the
+    headers of up to :data:`AUTO_SIZE_FRAMES` frames of ``records``; other recipes as they are.
+    """
+    if recipe.model.input_size != "auto":
+        return recipe
+    picks = np.unique(np.linspace(0, len(records) - 1, min(len(records), AUTO_SIZE_FRAMES)))
+    sizes = [hw for hw in (_frame_hw(records[int(i)]) for i in picks) if hw is not None]
+    if not sizes:
+        raise recipe.error("model.input_size", "auto reads the training frames' sizes, and no "
+                           "frame could be read: set [H, W] instead")  # fmt: skip
+    aspect = float(np.median([w / h for h, w in sizes]))
+    return recipe.with_input_size(input_size_for((1.0, aspect), recipe.model.input_pixels))
+
+
+def _frame_hw(record: InstanceRecord) -> tuple[int, int] | None:
+    """(H, W) of a record's image, from the record or the file's header; None if unreadable."""
+    if record.image_size and min(record.image_size) > 0:
+        return tuple(record.image_size)
+    try:
+        return probe(record.image_path).hw
+    except DataError:
+        return None
 
 
 # --------------------------------------------------------------------------- a path

@@ -39,7 +39,7 @@ from kpnet import fs
 from kpnet.data.columns import usable_records
 from kpnet.data.pipeline import build_dataset
 from kpnet.data.records import InstanceRecord, RecordTable
-from kpnet.data.sources import load_data, pipeline_config
+from kpnet.data.sources import load_data, pipeline_config, resolve_input_size
 from kpnet.data.tfrecord import TFRecordSet
 from kpnet.recipe import Recipe
 from kpnet.run_folder import RunFolder, RunFolderError, short
@@ -226,6 +226,8 @@ def _fit(recipe: Recipe, folder: RunFolder, strategy: Any, skips: _SkipLines) ->
     spec, train, val = load_data(recipe)
     if not train:
         raise recipe.error("data", "no training records (check the data paths and split)")
+    auto_size = recipe.model.input_size == "auto"
+    recipe = resolve_input_size(recipe, train)  # the run folder saves the [H, W] it picks
     check_run_folder(recipe, folder, spec)  # the data's keypoint spec and the codec
     config = pipeline_config(recipe)
     if val and recipe.data.on_error == "skip":  # validation predicts every record it is given
@@ -242,6 +244,8 @@ def _fit(recipe: Recipe, folder: RunFolder, strategy: Any, skips: _SkipLines) ->
         f"{len(train)} training / {len(val)} validation instances, {spec.num_keypoints} "
         f"keypoints in {spec.num_channels} channels; {replicas} replica(s), global batch "
         f"{t.batch_size}, {steps} steps per epoch, precision {t.precision}"
+        + (f"; input {'x'.join(map(str, recipe.model.input_size))} (auto: the frames' aspect)"
+           if auto_size else "")
         + (f"; validation crops: {crop_source(config.codec)}" if val else "")
         + (
             f"; each worker reads its 1/{num_workers(strategy)} of the training images"
@@ -285,7 +289,9 @@ def check_run_folder(
     if spec is not None:
         folder.check_data(spec.to_dict(), recipe.codec().to_dict())
         return
-    changed = folder.check_settings(recipe.model_dump(mode="json"))
+    # input_size auto: compared as the [H, W] it resolves to, in codec.json, once data loads
+    later = ("model.input_size",) if recipe.model.input_size == "auto" else ()
+    changed = folder.check_settings(recipe.model_dump(mode="json"), resolved_later=later)
     if not changed:
         return
     shown = ", ".join(f"{k} {short(o, 24)} -> {short(n, 24)}" for k, o, n in changed[:6])
