@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import keras
 import numpy as np
+import pytest
 from _blobs import disk_images
 
 import kpnet  # noqa: F401  (sets TF log level)
@@ -26,6 +27,7 @@ def decode(heatmaps: np.ndarray) -> np.ndarray:
     return np.asarray(xy)
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_tiny_cpn_overfits_two_blobs():
     keras.utils.set_random_seed(0)
     images, keypoints = make_images()

@@ -29,6 +29,9 @@ LITE = ("efficientnet_lite0", "efficientnet_lite2")
 #: ImageNet classes: 281 tabby, 282 tiger cat, 285 Egyptian cat; 967 espresso.
 CATS, ESPRESSO = {281, 282, 285}, 967
 
+#: the JAX twin of a slow TensorFlow test runs in the slow suite (over 25 s on 2 cores)
+JAX_SLOW = pytest.param("jax", marks=pytest.mark.slow)
+
 
 def _installed(variant: str) -> bool:
     return importlib.util.find_spec(LITE_PACKAGES[variant][0]) is not None
@@ -168,7 +171,7 @@ def _check_classes(results: dict) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("skimage") is None,
                     reason="optional dependency not installed: scikit-image")  # fmt: skip
-@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+@pytest.mark.parametrize("backend", ["tensorflow", JAX_SLOW])
 def test_lite_trunks_classify_photos_right(backend):
     if backend == "jax" and importlib.util.find_spec("jax") is None:
         pytest.skip("optional dependency not installed: jax")
@@ -207,7 +210,7 @@ STEP = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("backend", ["tensorflow", "jax"])
+@pytest.mark.parametrize("backend", ["tensorflow", JAX_SLOW])
 def test_a_training_step_with_each_lite_trunk(backend):
     if backend == "jax" and importlib.util.find_spec("jax") is None:
         pytest.skip("optional dependency not installed: jax")
