@@ -209,7 +209,7 @@ def _inference_vs_training(model: keras.Model, images: np.ndarray):
     return value_inf / value_train, np.abs(loc_inf - loc_train).max()
 
 
-@pytest.mark.slow  # over 30 s on 2 cores
+@pytest.mark.slow  # over 25 s on 2 cores
 def test_precise_bn_makes_inference_heatmaps_match_training_mode():
     """36 steps on 24 images: Keras' lagging moving averages (momentum 0.99) give inference
     heatmaps far from the training-mode ones; after precise BN they match in peak and place."""

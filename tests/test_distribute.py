@@ -62,7 +62,7 @@ def _run(code: str, *args: str, env: dict | None = None, timeout: int = 300):
     )  # fmt: skip
 
 
-@pytest.mark.slow  # over 30 s on 2 cores
+@pytest.mark.slow  # over 25 s on 2 cores
 def test_mirrored_two_cpus_matches_one_device():
     proc = _run(MIRRORED, str(REPO / "recipes" / "quickstart.yaml"))
     assert proc.returncode == 0, proc.stderr[-3000:]

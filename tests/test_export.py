@@ -184,7 +184,7 @@ def test_saved_model_in_plain_tensorflow_matches_cli(tiny_run, tmp_path):
     assert sigs["crops"]["outputs"]["heatmaps"] == ["float32", [None, 24, 16, 3]]
 
 
-@pytest.mark.slow  # over 30 s on 2 cores
+@pytest.mark.slow  # over 25 s on 2 cores
 def test_exif_rotated_jpeg_same_keypoints_in_validation_predict_and_saved_model(tiny_run, tmp_path):
     """EXIF orientation is ignored everywhere (the stored pixel grid, which labels refer to)."""
     from PIL import Image

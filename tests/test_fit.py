@@ -52,7 +52,7 @@ def _history(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.slow  # over 30 s on 2 cores
+@pytest.mark.slow  # over 25 s on 2 cores
 def test_fit_writes_outputs_resumes_and_stops_on_nan(tmp_path, tiny):
     out = tmp_path / "run"
     first = _fit_cli(out, [*tiny, "train.epochs=1"])

@@ -281,7 +281,7 @@ def test_decode_check_finds_images_training_cannot_read(coco, damage, why):
     assert f"{images / '001.jpg'}: " in result.output and why in result.output
 
 
-@pytest.mark.slow  # over 30 s on 2 cores
+@pytest.mark.slow  # over 25 s on 2 cores
 def test_fit_skips_an_unusable_validation_image_with_on_error_skip(coco, tmp_path):
     """data.on_error: skip drops a corrupt validation image once, up front, and validates on
     the rest (fit's validation predicts every record it is given: it used to stop there)."""

@@ -94,7 +94,7 @@ def test_decoder_config_round_trip_and_bad_options():
     assert legacy.codec.refine_sigma == 2.0 and legacy.codec.method == "argmax"
 
 
-@pytest.mark.slow  # over 30 s on 2 cores
+@pytest.mark.slow  # over 25 s on 2 cores
 def test_mixed_precision_model_decodes_in_float32(tmp_path):
     """Trained a step under mixed_float16, the keypoints model still decodes in float32:
     two pins of one channel at half-pixel positions, 1e-4 apart in height, both survive."""

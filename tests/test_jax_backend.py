@@ -163,7 +163,7 @@ BENCH_STEP = textwrap.dedent(
 )
 
 
-@pytest.mark.slow  # over 30 s on 2 cores
+@pytest.mark.slow  # over 25 s on 2 cores
 @requires_jax
 def test_train_speed_step_runs_without_tensorflow():
     """The benchmark's step and inference cases import no TensorFlow under JAX."""

@@ -27,7 +27,7 @@ def decode(heatmaps: np.ndarray) -> np.ndarray:
     return np.asarray(xy)
 
 
-@pytest.mark.slow  # over 30 s on 2 cores
+@pytest.mark.slow  # over 25 s on 2 cores
 def test_tiny_cpn_overfits_two_blobs():
     keras.utils.set_random_seed(0)
     images, keypoints = make_images()

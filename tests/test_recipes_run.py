@@ -214,7 +214,7 @@ def test_dlc_recipe_takes_grey_frames_missing_labels_17_parts(tmp_path):
     assert (xy >= -0.5).all() and (xy[..., 0] <= 159.5).all() and (xy[..., 1] <= 47.5).all()
 
 
-@pytest.mark.slow  # over 30 s on 2 cores
+@pytest.mark.slow  # over 25 s on 2 cores
 def test_dlc_recipe_sizes_its_input_to_the_frames(tmp_path):
     """``model.input_size: auto`` (the DLC recipe's): frames 3.3x wider than tall train at an
     input of their aspect, saved in the run folder; the same command resumes (auto is not a

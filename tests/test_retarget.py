@@ -111,7 +111,7 @@ def test_init_from_loads_trunk_and_reinitializes_heads(coco_model, capsys):
         assert _same(same.get_layer(name).get_weights(), model.get_layer(name).get_weights())
 
 
-@pytest.mark.slow  # over 30 s on 2 cores
+@pytest.mark.slow  # over 25 s on 2 cores
 def test_frozen_backbone_phase_keeps_backbone_fixed(coco_model, tmp_path):
     out = tmp_path / "dlc"
     result = _fit("dlc-project.yaml", out, _dlc_overrides(

@@ -55,7 +55,7 @@ def test_finished_run_has_plain_files_and_no_temporaries(finished):
 
 
 # --------------------------------------------------------------------------- mismatched resume
-@pytest.mark.slow  # over 30 s on 2 cores
+@pytest.mark.slow  # over 25 s on 2 cores
 def test_quickstart_header_example_is_refused_then_works_in_a_new_folder(finished, tiny, tmp_path):
     """The quickstart header's `--set train.epochs=2 --set model.input_size=[64,64]` on a
     folder holding a 96x96 run: one line (input size differs -> new folder), nothing
