@@ -189,17 +189,28 @@ def test_reduced_jpeg_decode_keeps_exact_geometry(tmp_path, size):
         np.testing.assert_array_equal(affines, full[2])
         # training: the reduced decode was used; evaluation: always the shared sampler
         assert np.array_equal(images, full[0]) != training
-        errors = []
-        for im, m, i in zip(images, affines, index, strict=True):
+        if not training:  # evaluation crops: tests/test_crops.py
+            continue
+        slips, errors = [], []
+        for im, ref, m, i in zip(images, full[0], affines, index, strict=True):
             order = [1, 0, 2] if np.linalg.det(m[:, :2]) < 0 else [0, 1, 2]
             for j in range(3):
                 target = codec.transform_points(records[i].keypoints[order[j], :2], m)
-                if (target > 3).all() and (target < size - 4).all():
+                # a blob cut by the crop's edge has a biased centroid: keep 3 sigmas inside
+                margin = 3 * 5.0 * np.sqrt(abs(np.linalg.det(m[:, :2]))) + 1
+                if (target > margin).all() and (target < size - 1 - margin).all():
                     c = order[j]  # weight: how much this channel exceeds the other two
-                    w = np.clip(im[..., c].astype(float) - np.delete(im, c, -1).max(-1), 0, None)
-                    errors.append(np.linalg.norm(_centroid(w) - target))
-        if training:  # evaluation crops: tests/test_crops.py
-            assert len(errors) >= 8 and max(errors) < 0.15
+                    at = [_centroid(np.clip(x[..., c].astype(float)
+                                            - np.delete(x, c, -1).max(-1), 0, None))
+                          for x in (im, ref)]  # fmt: skip
+                    slips.append(at[0] - at[1])
+                    errors.append(np.linalg.norm(at[1] - target))
+        # The reduced decode puts blobs where the full one does, and both where the affine
+        # says. A slip of half a decoded pixel would move every blob by 0.25-0.5 px in one
+        # direction; per blob, a nearby blob of another colour can pull a centroid by 0.3 px.
+        slips = np.array(slips)
+        assert len(slips) >= 8 and np.abs(slips.mean(0)).max() < 0.08
+        assert np.median(np.linalg.norm(slips, axis=1)) < 0.15 and np.median(errors) < 0.1
 
 
 def test_eval_box_crop_and_unlabelled_outside(tmp_path):

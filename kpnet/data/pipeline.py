@@ -302,8 +302,9 @@ class _Builder:
                                          cfg.aspect_ratio)  # fmt: skip
         if cfg.mode != "random_crop":
             size = size * scale[:, None]
-            center = aug.shift_centers(cfg.augment, tf.random.experimental.stateless_fold_in(
-                seeds[0], 1), center, size)
+            center = aug.shift_centers(
+                cfg.augment, tf.random.experimental.stateless_fold_in(seeds[0], 1), center, size
+            )
         return codec.crop_affine(center, size, cfg.input_size, rot, flip)
 
     def _two_stage_boxes(self, idx: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
@@ -474,7 +475,9 @@ def build_dataset(
             ``strategy.experimental_distribute_dataset`` splits across replicas (auto-shard
             policy DATA).
         training: augment (and extend top-down boxes); default shuffling.
-        seed: everything random is a stateless function of (seed, epoch, image/record).
+        seed: everything random is a stateless function of (seed, epoch, image/record);
+            a one-pass dataset's epoch key also follows TensorFlow's global seed
+            (``keras.utils.set_random_seed``, which ``kpnet fit`` sets from ``train.seed``).
         shuffle: shuffle images per epoch and instances in a buffer (default: ``training``).
         repeat: repeat forever (epoch e gets fresh augmentation); else one pass.
         with_meta: also yield ``{"affine": [B,2,3] image -> input crop, "index": [B]
