@@ -340,6 +340,10 @@ class TrainSection(_Strict):
     # trunk BatchNorm: trainable, or frozen in inference mode (pretrained statistics, as
     # DeepLabCut does; cheaper steps); auto: frozen when the trunk is pretrained
     backbone_bn: Literal["auto", "frozen", "trainable"] = "trainable"
+    # pretrained trunk: its layers whose outputs are at stride <= N (2: the stem; 4: up to C2)
+    # stay frozen all run (Detectron2's FREEZE_AT): generic low-level features, and the
+    # steps skip the backward pass at the highest resolutions; 0: none
+    freeze_trunk_stride: Literal[0, 2, 4, 8, 16, 32] = 0
     unfreeze_lr_factor: float = Field(1.0, gt=0.0)
     validation_every: int = Field(1, ge=1)
     backup_every_steps: int | None = Field(None, ge=1)  # default: back up every epoch

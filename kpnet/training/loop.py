@@ -317,8 +317,10 @@ def _drop_worker_copies(folder: RunFolder) -> None:
 
 
 def _frozen_names(recipe: Recipe, phases: list[Phase]) -> set[str]:
-    """The backbone's layer names when some phase freezes it (or its BN), else none."""
-    freeze = any(p.frozen for p in phases) or backbone_bn_frozen(recipe)
+    """The backbone's layer names when some phase freezes it (or its BN, or its early
+    layers), else none."""
+    t = recipe.train
+    freeze = any(p.frozen for p in phases) or backbone_bn_frozen(recipe) or t.freeze_trunk_stride
     return backbone_layer_names(recipe) if freeze else set()
 
 

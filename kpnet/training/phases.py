@@ -2,7 +2,8 @@
 
 A run is one or two :class:`Phase` s: ``train.freeze_backbone_epochs`` with the trunk frozen
 (a pretrained trunk only), then the rest with it trainable; ``train.backbone_bn`` keeps the
-trunk's BatchNorm in inference mode in every phase.
+trunk's BatchNorm in inference mode in every phase, ``train.freeze_trunk_stride`` a
+pretrained trunk's high-resolution layers frozen.
 
 Precision: ``mixed_float16`` trains with a dynamic ``LossScaleOptimizer``;
 ``mixed_bfloat16`` needs no loss scaling. The model's heads and the losses stay float32.
@@ -131,6 +132,25 @@ def backbone_layer_names(recipe: Recipe) -> set[str]:
     return {layer.name for layer in keras.Model(images, feats).layers if layer.weights}
 
 
+def early_trunk_layers(model: keras.Model, recipe: Recipe, backbone_names: set[str]) -> set[str]:
+    """The trunk layers that ``train.freeze_trunk_stride`` keeps frozen: those whose output
+    is at that stride or finer (a pretrained trunk only; none from scratch).
+
+    Example:
+        >>> early_trunk_layers(model, recipe, backbone_layer_names(recipe))  # doctest: +SKIP
+        {'lite0_stem_conv', 'lite0_stem_bn', 'lite0_block0_dw_conv', ...}
+    """
+    stride = recipe.train.freeze_trunk_stride
+    if not stride or not pretrained(recipe):
+        return set()
+    height = model.input_shape[1]
+    return {
+        layer.name
+        for layer in model.layers
+        if layer.name in backbone_names and height / layer.output.shape[1] <= stride
+    }
+
+
 def _optimizer(recipe: Recipe, schedule: EpochSchedule) -> keras.optimizers.Optimizer:
     t = recipe.train
     kwargs: dict[str, Any] = {"learning_rate": schedule, "clipnorm": t.clipnorm}
@@ -169,10 +189,13 @@ def configure_phase(
     the pretrained statistics, no update) in every phase.
     """
     frozen_bn = backbone_bn_frozen(recipe)
+    early = early_trunk_layers(model, recipe, backbone_names)
     for layer in model.layers:
         if layer.name in backbone_names:
-            layer.trainable = not phase.frozen and not (
-                frozen_bn and isinstance(layer, keras.layers.BatchNormalization)
+            layer.trainable = not (
+                phase.frozen
+                or layer.name in early
+                or (frozen_bn and isinstance(layer, keras.layers.BatchNormalization))
             )
     t, lo = recipe.train, recipe.loss
     schedule = EpochSchedule(
