@@ -321,3 +321,41 @@ def test_backbone_bn_frozen_keeps_imagenet_statistics(tmp_path):
     for old, new in zip(before[0], trunk_bn.weights, strict=True):
         np.testing.assert_array_equal(old, np.array(new))
     assert not np.allclose(before[1], np.array(head_bn.moving_mean))
+
+
+def test_freeze_trunk_stride_keeps_high_resolution_layers(tmp_path):
+    """train.freeze_trunk_stride: 4 keeps a pretrained trunk's layers at stride 2 and 4 as
+    loaded through a step while stride-8 layers train; from scratch nothing is kept."""
+    from kpnet.recipe import load_recipe
+    from kpnet.spec import KeypointSpec
+    from kpnet.training import backbone_layer_names, configure_phase, training_phases
+
+    def configured(weights):
+        recipe = load_recipe("recipes/quickstart.yaml", [
+            "model.backbone=efficientnet_lite0", "model.head=fpn", "model.input_size=[64,64]",
+            f"model.backbone_weights={weights}", "model.pyramid_channels=16",
+            "train.freeze_trunk_stride=4",
+            f"data.synthetic_pins.cache_dir={tmp_path}",
+        ])  # fmt: skip
+        model = build_heatmap_model(2, (64, 64, 3), "efficientnet_lite0", "fpn", weights,
+                                    head_channels=16)  # fmt: skip
+        spec = KeypointSpec(names=("a", "b"))
+        configure_phase(model, recipe, spec, training_phases(recipe)[-1], 4,
+                        backbone_layer_names(recipe))  # fmt: skip
+        return model
+
+    model = configured("imagenet")
+    early = ("lite0_stem_conv", "lite0_block2_project_conv", "lite0_block3_expand_conv")
+    late = ("lite0_block3_dw_conv", "lite0_block9_expand_conv", "fpn_smooth1_conv")
+    assert not any(model.get_layer(n).trainable for n in early)
+    assert all(model.get_layer(n).trainable for n in late)
+    before = {n: np.array(model.get_layer(n).kernel) for n in early + late}
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 64, 64, 3)).astype("uint8")
+    kp = np.concatenate([rng.uniform(2, 13, (2, 2, 2)), np.full((2, 2, 1), 2.0)], -1)
+    model.train_on_batch(images, {"refine": kp.astype("float32")})
+    for n in early:
+        np.testing.assert_array_equal(before[n], np.array(model.get_layer(n).kernel))
+    assert not any(np.array_equal(before[n], np.array(model.get_layer(n).kernel)) for n in late)
+    scratch = configured("null")  # random early layers are not worth keeping
+    assert all(scratch.get_layer(n).trainable for n in early + late)
