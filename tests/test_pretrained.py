@@ -333,7 +333,7 @@ def test_freeze_trunk_stride_keeps_high_resolution_layers(tmp_path):
     def configured(weights):
         recipe = load_recipe("recipes/quickstart.yaml", [
             "model.backbone=efficientnet_lite0", "model.head=fpn", "model.input_size=[64,64]",
-            f"model.backbone_weights={weights}", "model.pyramid_channels=16",
+            f"model.backbone_weights={weights or 'null'}", "model.pyramid_channels=16",
             "train.freeze_trunk_stride=4",
             f"data.synthetic_pins.cache_dir={tmp_path}",
         ])  # fmt: skip
@@ -357,5 +357,5 @@ def test_freeze_trunk_stride_keeps_high_resolution_layers(tmp_path):
     for n in early:
         np.testing.assert_array_equal(before[n], np.array(model.get_layer(n).kernel))
     assert not any(np.array_equal(before[n], np.array(model.get_layer(n).kernel)) for n in late)
-    scratch = configured("null")  # random early layers are not worth keeping
+    scratch = configured(None)  # random early layers are not worth keeping
     assert all(scratch.get_layer(n).trainable for n in early + late)
