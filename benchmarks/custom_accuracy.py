@@ -51,6 +51,8 @@ VARIANTS: dict[str, list[str]] = {
     # trunk BatchNorm
     "bn_trainable": ["train.backbone_bn=trainable"],
     "bn_trainable_no_precise": ["train.backbone_bn=trainable", "train.precise_bn_batches=0"],
+    # the trunk's high-resolution layers train too (the recipe keeps stride <= 4 frozen)
+    "trunk_all_trainable": ["train.freeze_trunk_stride=0"],
     # freezing the whole trunk first
     "freeze_5_epochs": ["train.freeze_backbone_epochs=5"],
     "frozen_trunk": ["train.freeze_backbone_epochs=1000"],  # only the head trains
