@@ -52,6 +52,7 @@ LOCKED_KEYS: tuple[str, ...] = (
     "data", "model", "loss.global_sigmas", "loss.refine_sigma", "evaluation.decode",
     "evaluation.flip_test", "evaluation.max_peaks", "evaluation.threshold",
     "evaluation.min_distance", "train.batch_size", "train.steps_per_epoch",
+    "train.freeze_trunk_stride",  # which weights train: the optimizer state's own layout
 )  # fmt: skip
 _FREE_KEYS = ("data.on_error",)  # under a locked prefix, yet free to change
 #: Model files of a run folder, in order of preference.

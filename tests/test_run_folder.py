@@ -82,6 +82,7 @@ MISMATCHES = [  # (override, what the error line names)
     ("evaluation.flip_test=true", "evaluation.flip_test is false there but true"),
     ("loss.refine_sigma=2.0", "loss.refine_sigma"),
     ("train.batch_size=4", "train.batch_size is 8 there but 4"),
+    ("train.freeze_trunk_stride=4", "train.freeze_trunk_stride is 0 there but 4"),
 ]
 
 
