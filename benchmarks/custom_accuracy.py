@@ -5,7 +5,8 @@ Usage:
 
 On ../shared/data/dlc_reaching (a DeepLabCut project: 55 labelled frames, 5 body parts,
 some unlabelled) the last 10 frames in file order are held out (``data.dlc.val_last=10``;
-``--split random``: 20 % of the frames drawn at random instead).
+``--split random``: 20 % of the frames drawn at random instead). ``--step-time``: only the
+seconds of a compiled training step of each variant, timed in alternation.
 ``recipes/dlc-project.yaml`` is trained **as shipped** with ``kpnet fit`` (an ImageNet
 EfficientNet-Lite0 from its PyPI package, nothing downloaded); then the held-out frames are
 predicted as a user predicts new frames, with ``kpnet predict`` on the image files (no labels,
@@ -32,6 +33,7 @@ import argparse
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +132,46 @@ def run_variant(name: str, extra: list[str], work: Path, split: str = "last") ->
     }
 
 
+def step_seconds(names: list[str], extra: list[str], rounds: int = 2, steps: int = 8) -> dict:
+    """Seconds per compiled training step of each variant (fit's own compile, one batch of
+    training frames from the recipe's pipeline), the variants timed in alternation
+    ``rounds`` times so that a shared machine's changes of speed hit them alike."""
+    import keras
+
+    from kpnet.data.pipeline import build_dataset
+    from kpnet.data.sources import load_data, pipeline_config, resolve_input_size
+    from kpnet.recipe import load_recipe
+    from kpnet.training import (
+        backbone_layer_names,
+        build_model,
+        configure_phase,
+        training_phases,
+    )
+
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            recipe = load_recipe(ROOT / "recipes" / "dlc-project.yaml",
+                                 [*BASE, *SPLITS["last"], *VARIANTS[name], *extra])  # fmt: skip
+            spec, train, _ = load_data(recipe)
+            recipe = resolve_input_size(recipe, train)
+            batch = recipe.train.batch_size
+            images, kp = next(iter(build_dataset(train, spec, pipeline_config(recipe), batch,
+                                                 training=True, seed=0)))  # fmt: skip
+            keras.utils.clear_session()
+            model = build_model(recipe, spec)
+            configure_phase(model, recipe, spec, training_phases(recipe)[-1], 1,
+                            backbone_layer_names(recipe))  # fmt: skip
+            targets = {n: kp for n in model.output_names}
+            for _ in range(3):  # compile and warm up
+                model.train_on_batch(images, targets)
+            start = time.perf_counter()
+            for _ in range(steps):
+                model.train_on_batch(images, targets)
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: [round(t, 3) for t in ts] for name, ts in times.items()}
+
+
 def _errors(model: Path, files: list[str], out: Path, truth: np.ndarray) -> np.ndarray:
     """[N, K] pixel errors of ``kpnet predict`` with ``model`` on the image ``files``."""
     from kpnet.predict import predict_inputs
@@ -155,9 +197,15 @@ def main() -> None:
     parser.add_argument("--split", choices=list(SPLITS), default="last",
                         help="the last 10 frames (default) or 20%% at random")  # fmt: skip
     parser.add_argument("--out", type=Path, help="keep the runs here (default: a temp dir)")
+    parser.add_argument("--step-time", action="store_true",
+                        help="only time a training step of each variant")  # fmt: skip
     args = parser.parse_args()
     if not PROJECT.is_dir():
         raise SystemExit(f"{PROJECT}: the dlc_reaching project is not here")
+    if args.step_time:
+        steps = step_seconds(args.variant or ["shipped"], args.overrides)
+        print(json.dumps({"step_seconds_per_round": steps, "cores": os.cpu_count()}))
+        return
     work = args.out or Path(tempfile.mkdtemp(prefix="kpnet-custom-"))
     for name in args.variant or ["shipped"]:
         print(json.dumps(run_variant(name, args.overrides, work, args.split)), flush=True)
