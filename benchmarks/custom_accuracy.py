@@ -141,12 +141,7 @@ def step_seconds(names: list[str], extra: list[str], rounds: int = 2, steps: int
     from kpnet.data.pipeline import build_dataset
     from kpnet.data.sources import load_data, pipeline_config, resolve_input_size
     from kpnet.recipe import load_recipe
-    from kpnet.training import (
-        backbone_layer_names,
-        build_model,
-        configure_phase,
-        training_phases,
-    )
+    from kpnet.training import build_model, configure_main_phase
 
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):
@@ -160,8 +155,7 @@ def step_seconds(names: list[str], extra: list[str], rounds: int = 2, steps: int
                                                  training=True, seed=0)))  # fmt: skip
             keras.utils.clear_session()
             model = build_model(recipe, spec)
-            configure_phase(model, recipe, spec, training_phases(recipe)[-1], 1,
-                            backbone_layer_names(recipe))  # fmt: skip
+            configure_main_phase(model, recipe, spec)
             targets = {n: kp for n in model.output_names}
             for _ in range(3):  # compile and warm up
                 model.train_on_batch(images, targets)

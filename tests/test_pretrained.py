@@ -298,7 +298,7 @@ def test_backbone_bn_frozen_keeps_imagenet_statistics(tmp_path):
     unchanged by a step) while its convolutions and the head's BN train."""
     from kpnet.recipe import load_recipe
     from kpnet.spec import KeypointSpec
-    from kpnet.training import backbone_layer_names, configure_phase, training_phases
+    from kpnet.training import configure_main_phase
 
     recipe = load_recipe("recipes/quickstart.yaml", [
         "model.backbone=efficientnet_lite0", "model.head=fpn", "model.backbone_weights=null",
@@ -307,8 +307,7 @@ def test_backbone_bn_frozen_keeps_imagenet_statistics(tmp_path):
     ])  # fmt: skip
     spec = KeypointSpec(names=("a", "b"))
     model = build_heatmap_model(2, (64, 64, 3), "efficientnet_lite0", "fpn", head_channels=16)
-    names = backbone_layer_names(recipe)
-    configure_phase(model, recipe, spec, training_phases(recipe)[-1], 4, names)
+    configure_main_phase(model, recipe, spec)
     trunk_bn = model.get_layer("lite0_block5_expand_bn")
     head_bn = model.get_layer("fpn_smooth1_bn")
     assert not trunk_bn.trainable and head_bn.trainable
@@ -328,7 +327,7 @@ def test_freeze_trunk_stride_keeps_high_resolution_layers(tmp_path):
     loaded through a step while stride-8 layers train; from scratch nothing is kept."""
     from kpnet.recipe import load_recipe
     from kpnet.spec import KeypointSpec
-    from kpnet.training import backbone_layer_names, configure_phase, training_phases
+    from kpnet.training import configure_main_phase
 
     def configured(weights):
         recipe = load_recipe("recipes/quickstart.yaml", [
@@ -340,8 +339,7 @@ def test_freeze_trunk_stride_keeps_high_resolution_layers(tmp_path):
         model = build_heatmap_model(2, (64, 64, 3), "efficientnet_lite0", "fpn", weights,
                                     head_channels=16)  # fmt: skip
         spec = KeypointSpec(names=("a", "b"))
-        configure_phase(model, recipe, spec, training_phases(recipe)[-1], 4,
-                        backbone_layer_names(recipe))  # fmt: skip
+        configure_main_phase(model, recipe, spec)
         return model
 
     model = configured("imagenet")

@@ -227,6 +227,21 @@ def configure_phase(
         _build_training_state(model, spec)
 
 
+def configure_main_phase(
+    model: keras.Model, recipe: Recipe, spec: KeypointSpec, steps_per_epoch: int = 1
+) -> None:
+    """:func:`configure_phase` for the recipe's last phase, the one most steps run in (the
+    trunk trainable but for what the recipe keeps frozen all run): a step of ``kpnet fit``
+    for benchmarks and tests that time or check one.
+
+    Example:
+        >>> configure_main_phase(model, recipe, spec)  # doctest: +SKIP
+        >>> model.train_on_batch(images, {name: keypoints for name in model.output_names})
+    """
+    phase = training_phases(recipe)[-1]
+    configure_phase(model, recipe, spec, phase, steps_per_epoch, backbone_layer_names(recipe))
+
+
 def _under_strategy() -> bool:
     """Inside a tf.distribute strategy scope (never without TensorFlow loaded, e.g. under JAX)."""
     tf = sys.modules.get("tensorflow")
