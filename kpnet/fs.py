@@ -315,7 +315,20 @@ def io_errors() -> tuple[type[BaseException], ...]:
 
 
 def reason(err: BaseException) -> str:
-    """The first line of an error's message (TensorFlow's ``OpError.message`` for URLs)."""
+    """An error's message on one line: the first line (TensorFlow's ``OpError.message`` for
+    URLs), or for a YAML syntax error what is wrong and where.
+
+    Example:
+        >>> import yaml
+        >>> try:
+        ...     yaml.safe_load("bodyparts: a: b")
+        ... except yaml.YAMLError as err:
+        ...     print(reason(err))
+        mapping values are not allowed here (line 1, column 13)
+    """
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is not None and problem:  # yaml.MarkedYAMLError: its str() spans several lines
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
     text = str(getattr(err, "message", None) or err) or type(err).__name__
     return text.splitlines()[0][:200]
 

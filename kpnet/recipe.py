@@ -500,7 +500,7 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
             f"line {line}); save the recipe as UTF-8"
         ) from None
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
+        raise RecipeError(f"{path}: not valid YAML: {fs.reason(err)}") from None
     if not isinstance(raw, dict):
         kind = {str: "string", list: "list", bool: "boolean"}.get(type(raw), "number")
         what = "empty" if raw is None else f"a YAML {kind}, not a mapping"
@@ -511,14 +511,6 @@ def _read_yaml(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """A YAML error on one line: what is wrong, and where (line and column)."""
-    mark = getattr(err, "problem_mark", None)
-    problem = getattr(err, "problem", None) or " ".join(str(err).split())
-    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-    return f"{problem}{where}"
-
-
 def _parse_override(item: str, path: Path) -> tuple[str, Any]:
     key, sep, text = item.partition("=")
     key = key.strip()
@@ -527,7 +519,9 @@ def _parse_override(item: str, path: Path) -> tuple[str, Any]:
     try:
         return key, yaml.safe_load(text) if text.strip() else None
     except yaml.YAMLError as err:
-        raise RecipeError(f"{path}: override {item!r}: value is not valid YAML: {err}") from None
+        raise RecipeError(
+            f"{path}: override {item!r}: value is not valid YAML: {fs.reason(err)}"
+        ) from None
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any, path: Path) -> None:

@@ -221,7 +221,10 @@ def test_dlc_new_style_index_columns(tmp_path):
     "row,reason,match",
     [
         (["labeled-data/vid/gone.png", "1", "2", "3", "4"], "missing_image", "gone.png"),
-        (["labeled-data/vid/f0.png", "1", "", "3", "4"], "bad_row", "only x or y"),
+        (["labeled-data/vid/f0.png", "1", "", "3", "4"], "bad_row",
+         "columns 2-3: keypoint 0 has an x but no y; give both"),
+        (["labeled-data/vid/f0.png", "1", "2", "3"], "bad_row",
+         r"columns 4-5: keypoint 1 has an x but no y \(the row has 4 cells\)"),
         (["labeled-data/vid/f0.png", "1", "zz", "3", "4"], "bad_row", "'zz' is not a number"),
     ],
 )
@@ -247,6 +250,12 @@ def test_dlc_refuses_unsupported_layouts(tmp_path):
         load_dlc_records(project)
     with pytest.raises(DataError, match="config.yaml: not found"):
         load_dlc_records(tmp_path)
+    (project / "config.yaml").write_text("bodyparts: [a, b\n  :::\n")
+    with pytest.raises(DataError) as err:
+        load_dlc_records(project)
+    assert str(err.value).endswith(
+        "config.yaml: not valid YAML: expected ',' or ']', but got ':' (line 2, column 5)"
+    )  # one line: what and where
 
 
 # --------------------------------------------------------------------------- checks

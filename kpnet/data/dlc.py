@@ -350,7 +350,7 @@ def _read_config(project: PathLike) -> dict[str, Any]:
     try:
         config = yaml.safe_load(fs.read_text(path)) or {}
     except yaml.YAMLError as err:
-        raise DataError(f"{path}: not valid YAML ({err})") from None
+        raise DataError(f"{path}: not valid YAML: {fs.reason(err)}") from None
     if not isinstance(config, dict) or not config.get("bodyparts"):
         raise DataError(f"{path}: no 'bodyparts' list")
     if config.get("multianimalproject"):
@@ -490,7 +490,14 @@ def _parse_row(row: list[str], columns: dict, n_index: int, k: int) -> np.ndarra
         raise DataError("no image path in the first column")
     x_nan, y_nan = np.isnan(kp[:, 0]), np.isnan(kp[:, 1])
     if (x_nan != y_nan).any():
-        raise DataError(f"keypoint {int(np.flatnonzero(x_nan != y_nan)[0])} has only x or y")
+        i = int(np.flatnonzero(x_nan != y_nan)[0])
+        cols = sorted(col + 1 for col, (j, _) in columns.items() if j == i)
+        has, lacks = ("y", "x") if x_nan[i] else ("x", "y")
+        short = f" (the row has {len(row)} cells)" if len(row) <= max(cols) - 1 else ""
+        raise DataError(
+            f"columns {cols[0]}-{cols[-1]}: keypoint {i} has an {has} but no {lacks}{short}; "
+            "give both or leave both empty"
+        )
     if np.isinf(kp).any():
         raise DataError("infinite coordinate")
     out = np.zeros((k, 3), np.float32)
