@@ -185,9 +185,7 @@ def _decode_tf(data: bytes) -> tuple[np.ndarray | None, str | None]:
     try:
         image = tf.io.decode_image(data, channels=3, expand_animations=False)
     except (tf.errors.OpError, ValueError) as err:
-        message = (getattr(err, "message", str(err)) or type(err).__name__).strip()
-        message = re.sub(r"\{\{.*?\}\}|\[Op:\w+\]", "", message.splitlines()[-1]).strip()
-        return None, message[:200]
+        return None, fs.reason(err)
     return np.asarray(image, dtype=np.uint8), None
 
 

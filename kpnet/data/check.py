@@ -223,8 +223,7 @@ def _decoded_size(path: str) -> tuple[int, int] | _Corrupt:
     try:  # as the pipeline reads it; OpenCV would return a truncated JPEG half grey
         image = tf.io.decode_image(contents, channels=3, expand_animations=False)
     except (tf.errors.OpError, ValueError) as err:
-        why = getattr(err, "message", str(err)).splitlines()[0]
-        return _Corrupt(f"the image is corrupt or truncated ({why})")
+        return _Corrupt(f"the image is corrupt or truncated ({fs.reason(err)})")
     return int(image.shape[0]), int(image.shape[1])
 
 

@@ -177,8 +177,7 @@ def _inspect(path: str, max_pixels: int = MAX_PIXELS) -> tuple[str | None, tuple
         try:
             image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         except (tf.errors.OpError, ValueError) as err:
-            why = err.message.splitlines()[0]
-            return f"the image is corrupt or truncated ({why})", (0, 0), False
+            return f"the image is corrupt or truncated ({fs.reason(err)})", (0, 0), False
         hw = tuple(int(v) for v in image.shape[:2])
     return None, hw, fmt == "jpeg"
 
