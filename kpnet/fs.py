@@ -334,8 +334,8 @@ def reason(err: BaseException) -> str:
     return (text or type(err).__name__)[:200]
 
 
-#: What TensorFlow wraps an op's message in: ``{{function_node ...}} ... [Op:DecodeImage]``.
-_TF_NOISE = re.compile(r"\{\{.*?\}\}|\[Op:\w+\]")
+#: What TensorFlow wraps an op's message in: ``{{function_node ...}} ... [Op:DecodeImage] name:``.
+_TF_NOISE = re.compile(r"\{\{.*?\}\}|\[Op:\w+\]( name:.*)?$")
 
 
 # --------------------------------------------------------------------------- write errors
