@@ -301,6 +301,8 @@ def _open_video(path: Path):
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         cap.release()
+        if path.is_file() and path.stat().st_size == 0:
+            raise DataError(f"{path}: the video file is empty (0 bytes)")
         raise DataError(
             f"{path}: OpenCV cannot open this video (corrupt, or a codec its FFmpeg lacks); "
             "convert it, e.g. ffmpeg -i IN -c:v libx264 OUT.mp4"

@@ -185,6 +185,11 @@ def test_video_opencv_cannot_open_is_skipped(model_file, video_bytes, tmp_path):
     [line] = _skipped_ok(result, ["broken.mp4"], inputs=2)
     assert "OpenCV cannot open this video" in line
     assert len(read_dlc_csv(tmp_path / "p_whole.csv").frame_names) == FRAMES
+    empty = tmp_path / "empty.mp4"  # a copy that never started: said as such
+    empty.write_bytes(b"")
+    result = _predict(model_file, empty, good, "-o", out)
+    [line] = _skipped_ok(result, ["empty.mp4"], inputs=2)
+    assert line.endswith("empty.mp4: the video file is empty (0 bytes)"), line
 
 
 def test_predict_inputs_reports_skips_to_its_caller(model_file, tmp_path):
