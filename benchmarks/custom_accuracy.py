@@ -59,7 +59,7 @@ VARIANTS: dict[str, list[str]] = {
     # the trunk's high-resolution layers train too (the recipe keeps stride <= 4 frozen)
     "trunk_all_trainable": ["train.freeze_trunk_stride=0"],
     # freezing the whole trunk first
-    "freeze_100_steps": ["train.freeze_backbone_epochs=1"],  # the first of 5 epochs
+    "freeze_5_epochs": ["train.freeze_backbone_epochs=5"],
     "frozen_trunk": ["train.freeze_backbone_epochs=1000"],  # only the head trains
     # learning rate and schedule
     "lr_5e-4": ["train.lr=5.0e-4"],
@@ -78,13 +78,8 @@ VARIANTS: dict[str, list[str]] = {
     "lite2": ["model.backbone=efficientnet_lite2"],
     "scratch": ["model.backbone_weights=null"],
     # budget
-    "half_steps": ["train.epochs=10", "train.steps_per_epoch=25", "train.validation_every=10",
-                   "train.warmup_epochs=1"],
-    "double_steps": ["train.epochs=10", "train.validation_every=10", "train.warmup_epochs=0.25"],
-    # the same 500 steps and learning rates in 20 epochs of 25 steps (the recipe before
-    # 2026-12-04's second session: an epoch's end recomputes BN statistics and saves)
-    "epochs_of_25_steps": ["train.epochs=20", "train.steps_per_epoch=25",
-                           "train.validation_every=20", "train.warmup_epochs=1"],
+    "half_steps": ["train.epochs=10"],
+    "double_steps": ["train.epochs=40"],
     # kpnet's DLC recipe before pretrained trunks (ResNet-50 CPN from scratch is ~20 s a
     # step here: the small `tiny` trunk, as its README row did)
     "old_tiny_scratch": [
