@@ -330,7 +330,7 @@ def reason(err: BaseException) -> str:
     if mark is not None and problem:  # yaml.MarkedYAMLError: its str() spans several lines
         return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
     text = str(getattr(err, "message", None) or err) or type(err).__name__
-    text = _TF_NOISE.sub("", text.strip().splitlines()[0]).strip()  # TensorFlow's op names
+    text = _TF_NOISE.sub("", (text.strip().splitlines() or [""])[0]).strip()  # TF's op names
     return (text or type(err).__name__)[:200]
 
 
