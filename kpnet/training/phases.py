@@ -236,7 +236,7 @@ def configure_main_phase(
 
     Example:
         >>> configure_main_phase(model, recipe, spec)  # doctest: +SKIP
-        >>> model.train_on_batch(images, {name: keypoints for name in model.output_names})
+        >>> model.train_on_batch(images, {n: kp for n in model.output_names})  # doctest: +SKIP
     """
     phase = training_phases(recipe)[-1]
     configure_phase(model, recipe, spec, phase, steps_per_epoch, backbone_layer_names(recipe))
