@@ -116,8 +116,11 @@ def score(run: Path, name: str, extra: list[str], split: str = "last") -> dict:
     labelled = truth[..., 2] > 0
     offsets = _predict(run / "last.keras", files, out) - truth[..., :2]
     errors = np.linalg.norm(offsets, axis=-1)
-    best = np.linalg.norm(_predict(run, files, out) - truth[..., :2], axis=-1)[labelled]
     err = errors[labelled]
+    best_epoch, last_epoch = _epochs(run)
+    best = err  # best.keras is last.keras when the best validation was the last one
+    if best_epoch != last_epoch:  # keypoints.keras (best.keras)
+        best = np.linalg.norm(_predict(run, files, out) - truth[..., :2], axis=-1)[labelled]
     parts = [(k, part) for k, part in enumerate(spec.names) if labelled[:, k].any()]
     train_kp = np.stack([r.keypoints for r in train])
     mean_pos = np.array([train_kp[train_kp[:, k, 2] > 0, k, :2].mean(0)
@@ -143,7 +146,7 @@ def score(run: Path, name: str, extra: list[str], split: str = "last") -> dict:
             part: [round(float(v), 1) for v in offsets[labelled[:, k], k].mean(0)]
             for k, part in parts
         },
-        "best_epoch": _best_epoch(run),
+        "best_epoch": best_epoch,
         "best_mean_px": round(float(best.mean()), 2),
         "cores": os.cpu_count(),
         "train_frames": len(train),
@@ -195,10 +198,10 @@ def _predict(model: Path, files: list[str], out: Path) -> np.ndarray:
                      for f in files])  # fmt: skip
 
 
-def _best_epoch(run: Path) -> int | None:
-    """The epoch ``best.keras`` was saved at (metrics.json), if fit recorded it."""
+def _epochs(run: Path) -> tuple[int | None, int | None]:
+    """The epochs ``best.keras`` and ``last.keras`` were saved at (metrics.json)."""
     metrics = json.loads((run / "metrics.json").read_text())
-    return metrics.get("best_epoch")
+    return metrics.get("best_epoch"), (metrics.get("last_epoch") or {}).get("epoch")
 
 
 def main() -> None:
